@@ -1,0 +1,68 @@
+import subprocess
+
+import pytest
+
+from smollm2.config import ConfigError, load_config, split_cli
+
+
+def test_presets_load(root):
+    spec = load_config(root / "configs/smollm2_135.yaml")
+    assert (spec.model.n_layer, spec.model.d_model, spec.model.n_head, spec.model.d_mlp) == (12, 768, 12, 3072)
+    assert spec.model.vocab_size == 50258 and spec.model.max_seq_len == 2048
+    assert (spec.optim.lr, spec.optim.weight_decay, spec.optim.grad_clip, spec.train.grad_accum) == (5e-4, 0.1, 1.0, 4)
+    assert (spec.train.max_steps, spec.eval.interval, spec.checkpoint.interval, spec.sample.interval) == (5000, 100, 500, 200)
+    g = spec.generate
+    assert (g.temperature, g.top_k, g.top_p, g.max_new_tokens) == (1.0, 50, 0.95, 100)
+    assert spec.train.dtype == "bf16"
+    tiny = load_config(root / "configs/tiny.yaml")
+    assert tiny.model.d_model < 256
+
+
+def test_override_reaches_resolved_config(root):
+    cfg = load_config(root / "configs/tiny.yaml", ["train.max_steps=7", "logging.wandb.mode=offline", "train.resume=latest"])
+    assert cfg.train.max_steps == 7 and cfg.logging.wandb.mode == "offline" and cfg.train.resume == "latest"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.max_step=7"], "unknown config key 'train.max_step'; did you mean 'train.max_steps'?"),
+    (["optim.lrr=1"], "did you mean 'optim.lr'"),
+    (["train.max_steps=abc"], "bad value for 'train.max_steps'"),
+    (["data.seq_len=4096"], "data.seq_len (4096) must be <= model.max_seq_len (2048)"),
+    (["train.max_steps=0"], "train.max_steps must be positive"),
+    (["train.max_steps=-3"], "train.max_steps must be positive"),
+    (["generate.top_p=0"], "generate.top_p must be in (0, 1]"),
+    (["generate.top_p=1.5"], "generate.top_p must be in (0, 1]"),
+    (["train.dtype=fp16"], "train.dtype must be one of bf16, fp32"),
+    (["train=3"], "'train' is a section"),
+    (["nonsense"], "not of the form key=value"),
+])
+def test_invalid_overrides(root, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(root / "configs/smollm2_135.yaml", overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  n_layers: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'model.n_layers'; did you mean 'model.n_layer'"):
+        load_config(path)
+    path.write_text("optim:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_split_cli():
+    assert split_cli(["--config", "a.yaml", "train.max_steps=3", "--resume=latest"]) == (
+        ["--config", "a.yaml", "--resume=latest"], ["train.max_steps=3"])
+
+
+def test_cli_error_is_one_line_without_traceback(root, python):
+    proc = subprocess.run([python, "-m", "smollm2.model", "--config", "configs/tiny.yaml", "model.n_layr=2"],
+                          cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: command line: unknown config key 'model.n_layr'; "
+                                   "did you mean 'model.n_layer'?")

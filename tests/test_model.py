@@ -1,0 +1,145 @@
+import math
+
+import pytest
+import torch
+
+from smollm2.config import ModelConfig, load_config
+from smollm2.model import SmolLM, apply_rope, naive_attention, parameter_table, rope_cos_sin
+
+TINY = ModelConfig(n_layer=2, n_head=4, d_model=64, d_mlp=256, max_seq_len=64)
+
+
+def make_model(cfg=TINY, seed=0, **changes):
+    cfg = ModelConfig(**{**cfg.__dict__, **changes})
+    model = SmolLM(cfg)
+    model.init_weights(seed)
+    return model
+
+
+def test_parameter_counts_match_the_spec(root):
+    cfg = load_config(root / "configs/smollm2_135.yaml").model
+    table = dict(parameter_table(cfg))
+    assert table["token embeddings (tied with LM head)"] == 38_598_144
+    assert table["per layer"] == 7_087_872
+    assert table["  attention QKV (weight + bias)"] == 1_771_776
+    assert table["  attention out-proj (weight + bias)"] == 590_592
+    assert table["  MLP up (weight + bias)"] == 2_362_368
+    assert table["  MLP down (weight + bias)"] == 2_360_064
+    assert table["  norms (2 x LayerNorm)"] == 3_072
+    assert table["final norm"] == 1_536
+    assert table["total"] == 123_654_144
+    assert table["total as stored (vocab padded to 50304)"] == 123_654_144 + 46 * 768
+
+
+def test_parameter_table_cli(root, python):
+    import subprocess
+
+    out = subprocess.run([python, "-m", "smollm2.model", "--config", "configs/smollm2_135.yaml"], cwd=root,
+                         capture_output=True, text=True, check=True).stdout
+    assert "123,654,144" in out and "38,598,144" in out and "7,087,872" in out and "123,689,472" in out
+
+
+def test_head_is_tied_and_padded():
+    model = make_model()
+    assert model.head.weight is model.embed.weight
+    assert model.embed.weight.shape[0] == 50304
+    assert torch.all(model.embed.weight[50258:] == 0)
+
+
+def test_init_is_gpt2_style():
+    model = make_model(ModelConfig(n_layer=4, n_head=4, d_model=128, d_mlp=512, max_seq_len=64))
+    assert abs(model.blocks[0].attn.qkv.weight.std().item() - 0.02) < 0.002
+    assert abs(model.blocks[0].mlp.proj.weight.std().item() - 0.02 / math.sqrt(8)) < 0.001
+    assert torch.all(model.blocks[1].attn.qkv.bias == 0)
+    assert torch.all(model.norm.weight == 1) and torch.all(model.norm.bias == 0)
+
+
+def test_meta_device_build_then_init_equals_eager_init():
+    with torch.device("meta"):
+        meta = SmolLM(TINY)
+    meta.materialize("cpu")
+    meta.init_weights(3)
+    eager = make_model(seed=3)
+    for (name, a), (_, b) in zip(meta.state_dict().items(), eager.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert meta.head.weight is meta.embed.weight
+
+
+def test_padded_logits_are_minus_inf():
+    model = make_model()
+    logits = model(torch.randint(0, 50258, (2, 10)))
+    assert logits.shape == (2, 10, 50304)
+    assert torch.isneginf(logits[..., 50258:]).all()
+    assert torch.isfinite(logits[..., :50258]).all()
+
+
+def test_loss_is_finite_and_gives_padding_no_gradient():
+    model = make_model()
+    idx = torch.randint(0, 50258, (2, 16))
+    loss = model(idx[:, :-1], idx[:, 1:])
+    assert torch.isfinite(loss) and abs(loss.item() - math.log(50258)) < 0.5
+    loss.backward()
+    assert torch.all(model.embed.weight.grad[50258:] == 0)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "naive"])
+def test_causality(attention):
+    model = make_model(attention=attention).eval()
+    idx = torch.randint(0, 50000, (1, 24))
+    changed = idx.clone()
+    t = 13
+    changed[0, t] = (idx[0, t] + 1) % 50000
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    assert torch.equal(a[:, :t], b[:, :t])
+    assert not torch.allclose(a[:, t], b[:, t])
+
+
+def test_rope_scores_depend_only_on_relative_offset():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    scores = []
+    for shift in (0, 5, 1000):
+        cos, sin = rope_cos_sin(torch.arange(shift, shift + 8), 16, 10000.0)
+        scores.append(apply_rope(q, cos, sin) @ apply_rope(k, cos, sin).transpose(-1, -2))
+    torch.testing.assert_close(scores[0], scores[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(scores[0], scores[2], atol=1e-3, rtol=1e-3)
+    # and they do depend on the offset: RoPE is not a no-op
+    plain = q @ k.transpose(-1, -2)
+    assert not torch.allclose(scores[0], plain, atol=1e-2)
+
+
+def test_rope_rotate_half_convention():
+    x = torch.zeros(1, 1, 1, 4)
+    x[..., 0] = 1.0  # pairs are (0, 2) and (1, 3)
+    cos, sin = rope_cos_sin(torch.tensor([1]), 4, 10000.0)
+    out = apply_rope(x, cos, sin)
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([math.cos(1.0), 0.0, math.sin(1.0), 0.0]))
+
+
+def test_sdpa_matches_naive_attention():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 33, 16) for _ in range(3))
+    ref = naive_attention(q, k, v, 0)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    sdpa_model, naive_model = make_model(attention="sdpa"), make_model(attention="naive")
+    idx = torch.randint(0, 50000, (2, 20))
+    with torch.no_grad():
+        a, b = sdpa_model(idx), naive_model(idx)
+    torch.testing.assert_close(a[..., :50258], b[..., :50258], atol=1e-4, rtol=1e-4)
+
+
+def test_kv_cache_prefill_and_decode_match_full_forward():
+    from smollm2.model import KVCache
+
+    model = make_model().eval()
+    idx = torch.randint(0, 50000, (1, 20))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache(model.cfg, 1, 20)
+        part = [model(idx[:, :12], kv_cache=cache, start_pos=0)]
+        part.append(model(idx[:, 12:15], kv_cache=cache, start_pos=12))  # multi-token chunk after a prefix
+        for t in range(15, 20):
+            part.append(model(idx[:, t : t + 1], kv_cache=cache, start_pos=t))
+    torch.testing.assert_close(torch.cat(part, 1)[..., :50258], full[..., :50258], atol=1e-4, rtol=1e-4)
