@@ -43,7 +43,7 @@ prep:
 
 demo: setup
 	$(BIN)/python -m data_prep --source shakespeare
-	PATH="$(abspath $(BIN)):$$PATH" launch/demo.sh
+	PATH="$(abspath $(BIN)):$$PATH" PYTHON=$(abspath $(BIN))/python launch/demo.sh
 
 test:
 	$(BIN)/python -m pytest -q tests

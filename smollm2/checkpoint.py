@@ -25,6 +25,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -219,7 +220,9 @@ def load_model_for_inference(spec: str | Path, device: torch.device | str = "cpu
     model = SmolLM(cfg.model)
     state = {"model": model.state_dict()}
     try:
-        dcp.load(state, checkpoint_id=path, no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=path, no_dist=True)
     except Exception as err:  # noqa: BLE001
         raise CheckpointError(f"cannot load {path}: {str(err).splitlines()[0][:300]}") from None
     model.load_state_dict(state["model"])

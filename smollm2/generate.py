@@ -8,6 +8,7 @@ Spec defaults: temperature 1.0, top-k 50, top-p 0.95, 100 new tokens, stop at EO
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -114,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     tok = get_tokenizer()
     print(f"# step {step}, T={gen.temperature} top-k={gen.top_k} top-p={gen.top_p} max {gen.max_new_tokens} tokens",
           file=sys.stderr)
-    for prompt in args.prompt or cfg.sample.prompts:
+    for i, prompt in enumerate(args.prompt or cfg.sample.prompts):
         start = time.perf_counter()
-        out = generate(model, tok.encode(prompt), gen, device=device)
+        out = generate(model, tok.encode(prompt), dataclasses.replace(gen, seed=gen.seed + i), device=device)
         took = time.perf_counter() - start
         print(f"{prompt}{tok.decode(out)}")
         print(f"# {len(out)} tokens in {took:.2f}s", file=sys.stderr)

@@ -9,6 +9,7 @@ import json
 import math
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,41 @@ class JsonlSink:
     def close(self) -> None:
         for f in self.files.values():
             f.close()
+
+
+class WandbSink:
+    """The same records in a WandB run. The run id lives in the checkpoint, so a resumed run (phase 2, a requeued
+    job) continues the same WandB run. `mode=offline` writes `<run_dir>/wandb/offline-run-*` for `wandb sync` later;
+    no API key is ever needed for that."""
+
+    def __init__(self, mode: str, project: str, entity: str | None, name: str | None, run_dir: Path,
+                 run_id: str | None, config: dict[str, Any]):
+        try:
+            import wandb
+        except ImportError:
+            from smollm2.errors import ConfigError
+
+            raise ConfigError(f"logging.wandb.mode={mode} needs the wandb package (pip install wandb), "
+                              "or set logging.wandb.mode=disabled") from None
+        self._wandb = wandb
+        self.run = wandb.init(project=project, entity=entity, name=name, id=run_id or uuid.uuid4().hex[:8],
+                              resume="allow", mode=mode, dir=str(run_dir), config=config)
+        self.run_id = self.run.id
+        self.samples: list[list[Any]] = []
+
+    def log(self, kind: str, record: dict[str, Any]) -> None:
+        step = record["step"]
+        if kind == "sample":
+            self.samples.append([step, record["prompt"], record["text"]])
+            table = self._wandb.Table(columns=["step", "prompt", "text"], data=list(self.samples))
+            self.run.log({"samples": table}, step=step)
+            return
+        numbers = {f"{kind}/{k}": v for k, v in record.items()
+                   if k not in ("step", "max_steps", "time") and isinstance(v, (int, float))}
+        self.run.log(numbers, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 class Metrics:

@@ -10,18 +10,19 @@ schedule. Logging, eval, samples and checkpoints fire on their configured steps;
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from smollm2.checkpoint import Checkpointer, find_latest, resolve
-from smollm2.config import Config, load_config, to_yaml
+from smollm2.config import Config, load_config, to_dict, to_yaml
 from smollm2.data import Dataset, TrainLoader, ValWindows
 from smollm2.distributed import DistEnv, build_model, init_distributed, shutdown
 from smollm2.errors import UserError
@@ -31,6 +32,7 @@ from smollm2.metrics import (
     JsonlSink,
     Metrics,
     Throughput,
+    WandbSink,
     device_peak_tflops,
     flops_per_token,
     peak_memory_gib,
@@ -48,7 +50,6 @@ class TrainState:
     step: int = 0  # completed optimizer steps
     tokens_seen: int = 0
     logger_run_id: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _log(env: DistEnv, message: str) -> None:
@@ -103,8 +104,9 @@ def evaluate(model, val: ValWindows, cfg: Config, env: DistEnv) -> dict:
 
 def write_samples(model, cfg: Config, env: DistEnv, step: int, metrics: Metrics) -> None:
     tok = get_tokenizer()
-    for prompt in cfg.sample.prompts:
-        ids = generate(model, tok.encode(prompt), cfg.generate, device=env.device)
+    for i, prompt in enumerate(cfg.sample.prompts):  # one seed per prompt: samples differ, and repeat across evals
+        settings = dataclasses.replace(cfg.generate, seed=cfg.generate.seed + i)
+        ids = generate(model, tok.encode(prompt), settings, device=env.device)
         metrics.log("sample", {"step": step, "prompt": prompt, "text": tok.decode(ids), "tokens": len(ids)})
 
 
@@ -150,7 +152,14 @@ def train(cfg: Config, env: DistEnv) -> TrainState:
                             flops_per_token(n_params, cfg.model.n_layer, cfg.model.n_head,
                                             cfg.model.d_model // cfg.model.n_head, seq_len),
                             device_peak_tflops(env.device, cfg.logging.peak_tflops), env.world_size)
-    sinks = [ConsoleSink(), JsonlSink(run_dir)] if env.is_main else []
+    sinks: list = []
+    if env.is_main:
+        sinks = [ConsoleSink(), JsonlSink(run_dir)]
+        wb = cfg.logging.wandb
+        if wb.mode != "disabled":
+            wandb_sink = WandbSink(wb.mode, wb.project, wb.entity, wb.name, run_dir, state.logger_run_id, to_dict(cfg))
+            state.logger_run_id = wandb_sink.run_id
+            sinks.append(wandb_sink)
     metrics = Metrics(sinks, enabled=env.is_main)
     _log(env, f"model {n_params:,} parameters | world size {env.world_size} on {env.device.type} | "
               f"{tokens_per_step:,} tokens/step ({micro} x {accum} x {env.world_size} windows of {seq_len}) | "

@@ -156,3 +156,42 @@ def test_launch_script_runs_and_verifies_both_phases(shakespeare_data, tmp_path)
     short = subprocess.run([*args, f"train.run_dir={tmp_path / 'ok'}"], cwd=ROOT, capture_output=True, text=True,
                            env={**env, "PHASE1_STEPS": "6", "PHASE2_STEPS": "5"}, timeout=600)
     assert short.returncode != 0 and "FAILED: phase 2" in short.stderr
+
+
+def test_generate_cli_from_a_checkpoint(straight):
+    cmd = [sys.executable, "-m", "smollm2.generate", "--checkpoint", str(straight / "checkpoints/latest"),
+           "--prompt", "ROMEO:", "--prompt", "JULIET:", "--max-new-tokens", "8", "--seed", "3"]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert first.stdout == again.stdout  # seeded
+    lines = first.stdout.splitlines()
+    assert lines[0].startswith("ROMEO:") and any(line.startswith("JULIET:") for line in lines)
+    assert "# step 20" in first.stderr
+    missing = subprocess.run([*cmd[:4], str(straight / "nope")], cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: checkpoint not found")
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(shakespeare_data, tmp_path):
+    """Preemption (SLURM sends SIGTERM/SIGUSR1): save at the next log step, exit 0; a resume continues from there."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "smollm2.train", "--config", "configs/tiny.yaml", *BASE, *SHAPE[1],
+           f"data.path={shakespeare_data}", f"train.run_dir={run}", "train.max_steps=500", "eval.interval=0",
+           "sample.interval=0", "checkpoint.interval=0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").exists() or len(records(run)) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stop requested (signal): checkpointing at step" in out
+    saved = find_latest(run / "checkpoints")
+    step = int(saved.name.split("-")[1])
+    assert 2 <= step < 500 and records(run)[-1]["step"] == step
+    resumed = subprocess.run([*cmd[:-4], "train.max_steps=" + str(step + 2), "--resume", "latest"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and f"at step {step} " in resumed.stdout
+    assert find_latest(run / "checkpoints").name == f"step-{step + 2:06d}"
