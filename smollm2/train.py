@@ -38,6 +38,7 @@ from smollm2.metrics import (
     peak_memory_gib,
 )
 from smollm2.optim import LRSchedule, build_optimizer
+from smollm2.step import train_step
 from smollm2.tokenizer import get_tokenizer
 
 
@@ -184,15 +185,8 @@ def train(cfg: Config, env: DistEnv) -> TrainState:
     try:
         while state.step < cfg.train.max_steps:
             lr = schedule.apply(optimizer, state.step)
-            micro_batches = loader.next_step()
-            for k, (inputs, targets) in enumerate(micro_batches):
-                model.set_requires_gradient_sync(k == len(micro_batches) - 1)
-                loss = model(inputs, targets) / accum  # equal tokens per window: the mean over the global batch
-                loss.backward()
-                loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_sum, grad_norm = train_step(model, optimizer, loader.next_step(), accum, cfg.optim.grad_clip,
+                                             loss_sum=loss_sum)
             state.step += 1
             state.tokens_seen += tokens_per_step
             throughput.step()
