@@ -113,6 +113,7 @@ def build_model(cfg: Config, env: DistEnv, *, init_seed: int | None = None) -> S
     if _compile_enabled(cfg.train.compile, env.device):
         for block in model.blocks:  # per-block compile keeps parameter names (and so checkpoints) unchanged
             block.compile()
+        model.compile_loss = True  # the fused loss's per-chunk softmax + gradient as one kernel
     if cfg.train.dtype == "bf16":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:

@@ -149,6 +149,94 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+# ------------------------------------------------------------------------------------------------------ head + loss
+
+LOSS_CHUNK_ELEMENTS = 2**25  # logits per chunk (rows x padded vocab): 128 MiB in fp32; 512 rows of the 50,304 vocab
+
+
+def _ce_chunk_eager(logits, targets, valid, vocab: int, need_grad: bool):
+    """One chunk: (sum of CE over valid rows, d(sum CE)/d logits in the logits' dtype or None). In place, few passes."""
+    dtype = logits.dtype
+    logits = logits.float()
+    logits[:, vocab:] = float("-inf")
+    logp = torch.log_softmax(logits, dim=-1)
+    del logits
+    safe_t = torch.where(valid, targets, 0).unsqueeze(1)
+    loss = -(logp.gather(1, safe_t).squeeze(1) * valid).sum()
+    if not need_grad:
+        return loss, None
+    probs = logp.exp_()  # softmax - onehot; rows with ignored targets are masked by the caller
+    probs.scatter_add_(1, safe_t, torch.full(safe_t.shape, -1.0, device=probs.device))
+    return loss, probs.to(dtype)
+
+
+def _ce_chunk_functional(logits, targets, valid, vocab: int):
+    """The same as `_ce_chunk_eager` with gradient, written for torch.compile (one fused read of the logits)."""
+    dtype = logits.dtype
+    columns = torch.arange(logits.shape[1], device=logits.device)
+    logits = logits.float().masked_fill(columns >= vocab, float("-inf"))
+    logp = torch.log_softmax(logits, dim=-1)
+    safe_t = torch.where(valid, targets, 0).unsqueeze(1)
+    loss = -(logp.gather(1, safe_t).squeeze(1) * valid).sum()
+    return loss, (logp.exp() - (columns == safe_t).float()).to(dtype)
+
+
+_compiled_chunk = None
+
+
+def _ce_chunk_compiled(logits, targets, valid, vocab: int):
+    global _compiled_chunk
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_ce_chunk_functional, dynamic=False)
+    return _compiled_chunk(logits, targets, valid, vocab)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean_i CE(h_i @ W.T, t_i), the gradients computed chunk by chunk in the forward (they need only the chunk's
+    softmax) and scaled by the incoming gradient in the backward. Logit columns >= `vocab` are padding: -inf, so they
+    carry no probability mass and get no gradient. Per chunk: logits in the weight's dtype (bf16 under mixed precision,
+    like the plain path), softmax and loss in fp32, the two gradient matmuls in the weight's dtype, dW summed in fp32."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, vocab: int, need_grad: bool, compiled: bool):
+        n = h.shape[0]
+        rows = min(n, 1 << max(0, (LOSS_CHUNK_ELEMENTS // weight.shape[0]).bit_length() - 1))  # a power of two
+        valid = targets != -100
+        count = valid.sum().clamp(min=1).float()
+        loss = torch.zeros((), device=h.device, dtype=torch.float32)
+        grad_h = torch.empty_like(h) if need_grad else None
+        grad_w = None
+        for start in range(0, n, rows):
+            h_c, t_c, v_c = h[start : start + rows], targets[start : start + rows], valid[start : start + rows]
+            logits = h_c @ weight.t()
+            if compiled and need_grad:
+                loss_c, g = _ce_chunk_compiled(logits, t_c, v_c, vocab)
+            else:
+                loss_c, g = _ce_chunk_eager(logits, t_c, v_c, vocab, need_grad)
+            del logits
+            loss += loss_c
+            if need_grad:  # d(sum CE)/d logits = softmax - onehot on valid rows; the 1/count comes after the matmuls
+                grad_h[start : start + rows] = (g @ weight) * (v_c.float() / count).unsqueeze(1)
+                part = g.t() @ (h_c * v_c.unsqueeze(1).to(h_c.dtype))  # 0/1 row mask: exact in any dtype
+                grad_w = part.float() if grad_w is None else grad_w.add_(part)
+        if need_grad:
+            ctx.save_for_backward(grad_h, grad_w.div_(count).to(weight.dtype))
+        return loss / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None, None
+
+
+def linear_cross_entropy(h, weight, targets, vocab: int, compiled: bool = False):
+    """Mean cross-entropy of the logits `h @ weight.T` (columns >= vocab masked) over targets != -100. h [N, C].
+
+    `compiled`: run each chunk's softmax/gradient through torch.compile (one fused kernel; for GPUs)."""
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(h, weight, targets, vocab, need_grad, compiled)
+
+
 # ---------------------------------------------------------------------------------------------------------------- model
 
 
@@ -165,6 +253,7 @@ class SmolLM(nn.Module):
         # How blocks are called in training: None (directly) or an activation-checkpointing wrapper
         # (set by smollm2.distributed.build_model; kept here so parameter names never depend on it).
         self.block_call = None
+        self.compile_loss = False  # compile the loss's per-chunk softmax (set with the blocks' compile by build_model)
 
     def forward(self, idx, targets=None, *, kv_cache: KVCache | None = None, start_pos: int = 0):
         """idx [B, T] -> logits [B, T, padded_vocab] (padded columns -inf), or the mean cross-entropy if targets given."""
@@ -186,9 +275,10 @@ class SmolLM(nn.Module):
         return logits
 
     def loss(self, h, targets):
-        """Mean cross-entropy (fp32) over the targets that are not -100."""
-        logits = self.logits(h).float()
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        """Mean cross-entropy (fp32) over the targets that are not -100, through the fused, chunked head + loss
+        (`linear_cross_entropy`): the [B*T, vocab] logits are never held whole, nor kept for the backward."""
+        return linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.head.weight, targets.reshape(-1), self.cfg.vocab_size,
+                                    compiled=self.compile_loss)
 
     # ------------------------------------------------------------------------------------------------ initialization
 
