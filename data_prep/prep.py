@@ -149,8 +149,7 @@ def _encode_chunk(chunk: list[Piece]) -> list[tuple[np.ndarray, bool]]:
     tokenizer = get_tokenizer()
     out = []
     for text, ends_document in chunk:
-        ids = tokenizer.encode(text, eos=ends_document)
-        out.append((np.array(ids, dtype=np.uint16), ends_document))
+        out.append((tokenizer.encode_numpy(text, eos=ends_document), ends_document))
     return out
 
 

@@ -11,6 +11,7 @@ import hashlib
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
@@ -63,6 +64,13 @@ class Tokenizer:
         """Ordinary text -> ids (special-token text is encoded as plain text); `eos=True` appends EOS."""
         ids = self._enc.encode_ordinary(text)
         return ids + [EOS_ID] if eos else ids
+
+    def encode_numpy(self, text: str, *, eos: bool = False) -> np.ndarray:
+        """`encode` as a uint16 array, without the Python list in between (what data prep writes)."""
+        ids = self._enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        if eos:
+            ids = np.append(ids, EOS_ID)
+        return ids.astype(np.uint16)
 
     def encode_batch(self, texts: list[str], *, num_threads: int = 8) -> list[list[int]]:
         return self._enc.encode_ordinary_batch(texts, num_threads=num_threads)

@@ -30,6 +30,13 @@ def test_special_ids_and_vocab():
     assert tok.decode([15496, EOS_ID], skip_special=False) == "Hello<|endoftext|>"
 
 
+def test_numpy_encode_matches_list_encode():
+    tok = get_tokenizer()
+    for text in ["Hello world", "a <|endoftext|> in a document is plain text", "emoji 🤖", ""]:
+        ids = tok.encode_numpy(text, eos=True)
+        assert ids.dtype.name == "uint16" and ids.tolist() == tok.encode(text, eos=True)
+
+
 def test_batch_encode_matches_single():
     tok = get_tokenizer()
     texts = ["one document", "another, longer document with more words", "три"]
