@@ -1,6 +1,7 @@
 """End to end on CPU: real torchrun, gloo, tiny config. Each run is a separate process group, as users run it."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -195,3 +196,36 @@ def test_sigterm_checkpoints_and_exits_cleanly(shakespeare_data, tmp_path):
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0 and f"at step {step} " in resumed.stdout
     assert find_latest(run / "checkpoints").name == f"step-{step + 2:06d}"
+
+
+def test_activation_checkpointing_does_not_change_the_math(shakespeare_data, tmp_path):
+    """full / selective recompute the same forward: the same losses as none (fp32, one process)."""
+    by_mode = {}
+    for mode in ("none", "full", "selective"):
+        run = tmp_path / mode
+        train(0, run, shakespeare_data, "train.max_steps=3", f"train.activation_checkpointing={mode}",
+              "eval.interval=0", "sample.interval=0")
+        by_mode[mode] = [r["loss"] for r in records(run)]
+    assert by_mode["full"] == pytest.approx(by_mode["none"], rel=1e-6)
+    assert by_mode["selective"] == pytest.approx(by_mode["none"], rel=1e-6)
+
+
+def test_bf16_mixed_precision_trains_and_keeps_fp32_weights(shakespeare_data, tmp_path):
+    run = tmp_path / "run"
+    train(2, run, shakespeare_data, "train.max_steps=12", "train.dtype=bf16", "train.activation_checkpointing=selective",
+          "eval.interval=12", "sample.interval=0", "checkpoint.interval=0")
+    by_step = losses(run)
+    assert all(map(math.isfinite, by_step.values())) and by_step[12] < by_step[1] - 0.5
+    model, _, _ = load_model_for_inference(run / "checkpoints/latest")
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+    assert math.isfinite(records(run, "eval.jsonl")[-1]["val_loss"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shakespeare_data, tmp_path):
+    run = tmp_path / "run"
+    proc = train(0, run, shakespeare_data, "train.max_steps=10", "optim.lr=1e30", "optim.warmup_steps=0",
+                 "optim.grad_clip=0", "checkpoint.interval=1", "eval.interval=0", "sample.interval=0", check=False)
+    assert proc.returncode == 2
+    assert "error: loss became nan" in proc.stderr and "last good checkpoint is kept" in proc.stderr
+    good = [r["step"] for r in records(run)]
+    assert find_latest(run / "checkpoints").name == f"step-{good[-1]:06d}"
