@@ -104,6 +104,13 @@ def evaluate(model, val: ValWindows, cfg: Config, env: DistEnv) -> dict:
 
 
 def write_samples(model, cfg: Config, env: DistEnv, step: int, metrics: Metrics) -> None:
+    # Decoding feeds the blocks one new token at a time against a growing KV cache: every shape is new, so compiled
+    # blocks would recompile per token. Sampling is a small cost; run it eagerly.
+    with torch.compiler.set_stance("force_eager"):
+        _write_samples(model, cfg, env, step, metrics)
+
+
+def _write_samples(model, cfg: Config, env: DistEnv, step: int, metrics: Metrics) -> None:
     tok = get_tokenizer()
     for i, prompt in enumerate(cfg.sample.prompts):  # one seed per prompt: samples differ, and repeat across evals
         settings = dataclasses.replace(cfg.generate, seed=cfg.generate.seed + i)

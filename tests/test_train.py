@@ -229,3 +229,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shakespeare_da
     assert "error: loss became nan" in proc.stderr and "last good checkpoint is kept" in proc.stderr
     good = [r["step"] for r in records(run)]
     assert find_latest(run / "checkpoints").name == f"step-{good[-1]:06d}"
+
+
+def test_compiled_blocks_match_eager(shakespeare_data, tmp_path):
+    """train.compile=true (per-block torch.compile + the compiled loss chunk) trains the same model; sampling, which
+    would recompile per token, runs eagerly."""
+    by_mode = {}
+    for compile_setting in ("false", "true"):
+        run = tmp_path / compile_setting
+        train(0, run, shakespeare_data, "train.max_steps=3", f"train.compile={compile_setting}", "eval.interval=3",
+              "sample.interval=3", "generate.max_new_tokens=4")
+        by_mode[compile_setting] = [r["loss"] for r in records(run)]
+        assert len(records(run, "samples.jsonl")) == 2
+    assert by_mode["true"] == pytest.approx(by_mode["false"], rel=1e-4)
