@@ -1,0 +1,71 @@
+"""launch/slurm.sbatch on a real (one-node, local) SLURM cluster: both phases verified; a preemption signal makes the
+ranks checkpoint and the job requeue itself and resume. Skips where no cluster answers (tests/slurm/local_cluster.sh)."""
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cluster_up() -> bool:
+    if not shutil.which("sbatch"):
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return bool(re.search(r"^(idle|mix)", out, re.M))
+
+
+def job_state(job: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    match = re.search(r"JobState=(\w+)", out)
+    return match.group(1) if match else "GONE"
+
+
+@pytest.mark.skipif(not cluster_up(), reason="no SLURM cluster (tests/slurm/local_cluster.sh start)")
+def test_sbatch_phases_with_preemption_and_requeue(shakespeare_data, tmp_path):
+    run = tmp_path / "run"
+    log = tmp_path / "job.out"
+    env_vars = f"ALL,PYTHON={sys.executable},PHASE1_STEPS=20,PHASE2_STEPS=22"
+    submit = subprocess.run(
+        ["sbatch", "--parsable", f"--export={env_vars}", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
+         "--cpus-per-task=1", f"--output={log}", "--job-name=smollm2-test", "launch/slurm.sbatch", "configs/tiny.yaml",
+         f"data.path={shakespeare_data}", f"train.run_dir={run}", "data.seq_len=32", "eval.interval=0",
+         "sample.interval=0", "logging.interval=2", "checkpoint.interval=0"],
+        cwd=ROOT, capture_output=True, text=True, check=True)
+    job = submit.stdout.strip().split(";")[0]
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (run / "metrics.jsonl").exists():
+            time.sleep(0.5)
+        assert (run / "metrics.jsonl").exists(), log.read_text() if log.exists() else "no job output"
+        subprocess.run(["scancel", "--signal=USR1", job], check=True)  # what --signal=USR1@120 sends before the limit
+        while time.time() < deadline and "requeueing" not in (log.read_text() if log.exists() else ""):
+            time.sleep(0.5)
+        for _ in range(60):  # a requeued job waits ~2 min before it may start again; let it start now
+            if job_state(job) == "PENDING":
+                subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True)
+            if "restart 1" in log.read_text():
+                break
+            time.sleep(1)
+        while time.time() < deadline and job_state(job) not in ("COMPLETED", "FAILED", "CANCELLED", "GONE"):
+            time.sleep(1)
+        output = log.read_text()
+        assert job_state(job) in ("COMPLETED", "GONE"), output[-3000:]
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    assert "stop requested (signal): checkpointing at step" in output
+    assert "stopped early" in output and "requeueing" in output
+    stopped = int(re.search(r"checkpointing at step (\d+)", output).group(1))
+    assert 2 <= stopped < 20
+    assert "(restart 1)" in output and f"resumed from {run}/checkpoints/step-{stopped:06d} at step {stopped}" in output
+    assert "=== both phases verified ===" in output
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*"))[-2:] == ["step-000020", "step-000022"]
