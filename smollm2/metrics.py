@@ -5,6 +5,7 @@ A sink is anything with `log(kind, record)` and `close()`; kinds are "train", "e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -155,6 +156,15 @@ class Throughput:
 
     def step(self) -> None:
         self.steps += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (eval, samples, checkpoints) does not count against the training throughput."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - start
 
     def measure(self, remaining_steps: int) -> dict[str, float | None]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)

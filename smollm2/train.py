@@ -53,6 +53,11 @@ class TrainState:
     logger_run_id: str | None = None
 
 
+def _value(tensor) -> float:
+    """A scalar tensor (a DTensor under FSDP2) as a Python float: a host sync, for log and checkpoint steps only."""
+    return float(tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor)
+
+
 def _log(env: DistEnv, message: str) -> None:
     if env.is_main:
         print(message, flush=True)
@@ -176,9 +181,9 @@ def train(cfg: Config, env: DistEnv) -> TrainState:
         _log(env, f"already at step {state.step} >= train.max_steps={cfg.train.max_steps}: nothing to do")
 
     def save() -> None:
-        norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        if not torch.isfinite(norm).item():  # never write a diverged state over the good ones
-            raise TrainingDiverged(f"gradient norm is {norm.item()} at step {state.step}; not checkpointing. The last "
+        norm = _value(grad_norm)
+        if not math.isfinite(norm):  # never write a diverged state over the good ones
+            raise TrainingDiverged(f"gradient norm is {norm} at step {state.step}; not checkpointing. The last "
                                    f"good checkpoint is kept in {run_dir / 'checkpoints'}")
         train_state = {"step": state.step, "tokens_seen": state.tokens_seen, "logger_run_id": state.logger_run_id,
                        "loader": loader.state_dict(), "schedule": schedule.state_dict()}
@@ -189,6 +194,7 @@ def train(cfg: Config, env: DistEnv) -> TrainState:
     stop = StopRequest()
     loss_sum = torch.zeros((), device=env.device)
     grad_norm = torch.zeros((), device=env.device)
+    steps_since_log = 0
     try:
         while state.step < cfg.train.max_steps:
             lr = schedule.apply(optimizer, state.step)
@@ -196,6 +202,7 @@ def train(cfg: Config, env: DistEnv) -> TrainState:
                                              loss_sum=loss_sum)
             state.step += 1
             state.tokens_seen += tokens_per_step
+            steps_since_log += 1
             throughput.step()
 
             step = state.step
@@ -204,27 +211,28 @@ def train(cfg: Config, env: DistEnv) -> TrainState:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG if env.device.type == "cuda" else dist.ReduceOp.SUM)
                 if env.device.type != "cuda":  # gloo has no AVG
                     loss_sum /= env.world_size
-                loss_value = loss_sum.item() / throughput.steps
-                norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                loss_value = loss_sum.item() / steps_since_log
                 if not math.isfinite(loss_value):
                     raise TrainingDiverged(
                         f"loss became {loss_value} by step {step}; stopping without saving. The last good checkpoint "
                         f"is kept in {run_dir / 'checkpoints'} (lower optim.lr or check the data, then --resume latest)")
                 speed = throughput.measure(cfg.train.max_steps - step)
                 metrics.log("train", {"step": step, "max_steps": cfg.train.max_steps, "loss": loss_value, "lr": lr,
-                                      "grad_norm": float(norm), "tokens_seen": state.tokens_seen,
+                                      "grad_norm": _value(grad_norm), "tokens_seen": state.tokens_seen,
                                       "peak_mem_gib": peak_memory_gib(env.device), **speed, "time": time.time()})
                 loss_sum.zero_()
+                steps_since_log = 0
                 if stop.agreed(env.device):
                     _log(env, f"stop requested (signal): checkpointing at step {step} and exiting")
                     save()
                     return state
-            if val is not None and cfg.eval.interval and (step % cfg.eval.interval == 0 or last):
-                metrics.log("eval", {"step": step, **evaluate(model, val, cfg, env)})
-            if cfg.sample.interval and (step % cfg.sample.interval == 0 or last):
-                write_samples(model, cfg, env, step, metrics)
-            if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last:
-                save()
+            with throughput.paused():
+                if val is not None and cfg.eval.interval and (step % cfg.eval.interval == 0 or last):
+                    metrics.log("eval", {"step": step, **evaluate(model, val, cfg, env)})
+                if cfg.sample.interval and (step % cfg.sample.interval == 0 or last):
+                    write_samples(model, cfg, env, step, metrics)
+                if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last:
+                    save()
     finally:
         loader.close()
         metrics.close()

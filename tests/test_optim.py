@@ -63,3 +63,14 @@ def test_mfu_arithmetic():
     assert m["mfu"] == pytest.approx(2000 * 1e9 / (100e12 * 2), rel=0.01)
     assert m["step_ms"] == pytest.approx(500, rel=0.01) and m["eta_s"] == pytest.approx(5, rel=0.01)
     assert math.isclose(meter.measure(0)["tok_per_s"], 0.0, abs_tol=1e-6)
+
+
+def test_throughput_excludes_paused_time():
+    import time
+
+    meter = Throughput(tokens_per_step=100, flops_per_token=1.0, peak_tflops=None, world_size=1)
+    meter.step()
+    with meter.paused():  # an eval or a checkpoint
+        time.sleep(0.3)
+    m = meter.measure(remaining_steps=0)
+    assert m["step_ms"] < 150 and m["mfu"] is None
