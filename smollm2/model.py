@@ -305,7 +305,7 @@ class SmolLM(nn.Module):
             if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "norm.weight":
                 full.fill_(1.0)
             elif name.endswith(".bias"):
-                pass
+                pass  # biases start at 0
             elif name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
                 full.normal_(0.0, resid_std, generator=generator)
             else:  # embedding (= head) and the qkv / fc matrices
