@@ -50,16 +50,24 @@ def test_sbatch_phases_with_preemption_and_requeue(shakespeare_data, tmp_path):
         subprocess.run(["scancel", "--signal=USR1", job], check=True)  # what --signal=USR1@120 sends before the limit
         while time.time() < deadline and "requeueing" not in (log.read_text() if log.exists() else ""):
             time.sleep(0.5)
-        for _ in range(60):  # a requeued job waits ~2 min before it may start again; let it start now
-            if job_state(job) == "PENDING":
+        # A requeued job may start again once its old credential has expired (cred_expire=10 s in local_cluster.sh,
+        # 120 s by default). Forcing an earlier start (StartTime=now) makes slurmd refuse the launch ("Job credential
+        # revoked") and the job ends FAILED, so only a job still pending 30 s after its requeue is nudged.
+        requeued = time.time()
+        while time.time() < deadline and "restart 1" not in log.read_text():
+            if time.time() - requeued > 30 and job_state(job) == "PENDING":
                 subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True)
-            if "restart 1" in log.read_text():
-                break
             time.sleep(1)
         while time.time() < deadline and job_state(job) not in ("COMPLETED", "FAILED", "CANCELLED", "GONE"):
             time.sleep(1)
         output = log.read_text()
-        assert job_state(job) in ("COMPLETED", "GONE"), output[-3000:]
+        state = job_state(job)
+        if state not in ("COMPLETED", "GONE"):
+            details = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+            ctld = Path("/var/log/slurm/slurmctld.log")
+            ctld_tail = "\n".join(ctld.read_text(errors="replace").splitlines()[-20:]) if ctld.exists() else ""
+            pytest.fail(f"job {job} ended {state}\n--- job output ---\n{output[-3000:]}\n--- scontrol ---\n{details}"
+                        f"\n--- slurmctld.log ---\n{ctld_tail}")
     finally:
         subprocess.run(["scancel", job], capture_output=True)
     assert "stop requested (signal): checkpointing at step" in output
