@@ -7,6 +7,7 @@ on `build_model`) against a deliberately plain nanoGPT-style reference (`bench/r
 
 A case is `key=value` pairs joined by commas: B (micro-batch), T (seq_len), accum (grad accumulation, default 1),
 ac (none|full|selective), compile (true|false|whole), sdpa (default|flash|cudnn|efficient|math), reshard (true|false),
+wrap (auto|block|root: train.fsdp_wrap),
 ref (1: also time the reference on this (B, T, accum, compile), default for ac=none rows). Random tokens, no dataset.
 Timing: median of the timed steps after warm-up (CUDA events on GPUs, wall clock on CPU); MFU against the bf16 (or fp32)
 matmul peak measured in the same process; FLOPs per token 6N + 12*L*H*Q*T. Rows print as they finish; a table, the
@@ -42,8 +43,9 @@ if str(ROOT) not in sys.path:  # bench/ lives beside the package, not inside it
 
 GPU_CASES = [  # the targets' rows first; later rows are levers, skipped when --budget-s runs out
     "B=8,T=2048,ac=none,ref=1", "B=8,T=2048,ac=full", "B=8,T=2048,ac=selective",
-    "B=8,T=2048,ac=none,sdpa=cudnn", "B=8,T=2048,ac=none,sdpa=flash", "B=8,T=2048,ac=none,reshard=false",
-    "B=8,T=2048,ac=none,compile=false,ref=1", "B=16,T=1024,ac=none,ref=1", "B=8,T=2048,ac=none,compile=whole",
+    "B=8,T=2048,ac=none,wrap=block", "B=8,T=2048,ac=none,compile=whole", "B=8,T=2048,ac=none,compile=false,ref=1",
+    "B=8,T=2048,ac=none,sdpa=cudnn", "B=8,T=2048,ac=none,sdpa=flash", "B=16,T=1024,ac=none,ref=1",
+    "B=8,T=2048,ac=none,wrap=block,reshard=false",
 ]
 CPU_CASES = ["ac=none,ref=1", "ac=full", "ac=selective"]
 
@@ -57,20 +59,21 @@ class Case:
     compile: str = "auto"  # auto | true | false | whole
     sdpa: str = "default"
     reshard: bool | None = None  # None: the config's
+    wrap: str | None = None  # None: the config's train.fsdp_wrap
     reference: bool = False
 
     @property
     def label(self) -> str:
-        extra = "".join(f" {k}={v}" for k, v in (("sdpa", self.sdpa), ("reshard", self.reshard))
+        extra = "".join(f" {k}={v}" for k, v in (("sdpa", self.sdpa), ("reshard", self.reshard), ("wrap", self.wrap))
                         if v not in ("default", None))
         return f"B={self.micro_batch} T={self.seq_len} accum={self.accum} ac={self.ac} compile={self.compile}{extra}"
 
 
 def parse_case(spec: str, cfg: Config) -> Case:
     fields = dict(micro_batch=cfg.data.micro_batch, seq_len=cfg.data.seq_len, accum=1, ac="none", compile="auto",
-                  sdpa="default", reshard=None, reference=False)
+                  sdpa="default", reshard=None, wrap=None, reference=False)
     names = {"B": "micro_batch", "T": "seq_len", "accum": "accum", "ac": "ac", "compile": "compile", "sdpa": "sdpa",
-             "reshard": "reshard", "ref": "reference"}
+             "reshard": "reshard", "wrap": "wrap", "ref": "reference"}
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
         if key not in names or not value:
@@ -87,6 +90,8 @@ def parse_case(spec: str, cfg: Config) -> Case:
         raise SystemExit(f"bench: bad ac/compile in {spec!r}")
     if case.sdpa not in ("default", "flash", "cudnn", "efficient", "math"):
         raise SystemExit(f"bench: bad sdpa in {spec!r}")
+    if case.wrap not in (None, "auto", "block", "root"):
+        raise SystemExit(f"bench: bad wrap in {spec!r} (auto | block | root)")
     return case
 
 
@@ -181,7 +186,8 @@ def random_batches(case: Case, vocab: int, device: torch.device, seed: int) -> l
 def case_config(cfg: Config, case: Case) -> Config:
     train = replace(cfg.train, activation_checkpointing=case.ac, grad_accum=case.accum,
                     compile="false" if case.compile == "whole" else case.compile,
-                    reshard_after_forward=cfg.train.reshard_after_forward if case.reshard is None else case.reshard)
+                    reshard_after_forward=cfg.train.reshard_after_forward if case.reshard is None else case.reshard,
+                    fsdp_wrap=cfg.train.fsdp_wrap if case.wrap is None else case.wrap)
     return replace(cfg, train=train, data=replace(cfg.data, micro_batch=case.micro_batch, seq_len=case.seq_len))
 
 
@@ -240,6 +246,7 @@ def make_row(impl: str, case: Case, cfg: Config, env: DistEnv, times: list[float
             "accum": case.accum, "activation_checkpointing": case.ac if impl == "smollm2" else "none",
             "compile": case.compile if impl == "smollm2" else str(compile_on(case, env.device)).lower(),
             "sdpa": case.sdpa if impl == "smollm2" else "default", "reshard_after_forward": case.reshard,
+            "fsdp_wrap": case.wrap if impl == "smollm2" else None,
             "dtype": cfg.train.dtype, "world_size": world, "step_ms": step_ms, "step_ms_min": min(times),
             "step_ms_max": max(times), "timed_steps": len(times), "tok_per_s": tok_per_s, "tflops": tflops,
             "mfu": tflops / (peak * world) if peak else None, "peak_mem_gib": memory, "setup_and_warmup_s": setup_s,
@@ -312,7 +319,7 @@ def evaluate_targets(rows: list[dict], device: torch.device) -> list[dict]:
         return {"target": name, "status": "n/a" if ok is None else ("PASS" if ok else "FAIL"), "value": value}
 
     ours = [r for r in rows if r["impl"] == "smollm2" and r["sdpa"] == "default" and r["reshard_after_forward"] is None
-            and r["accum"] == 1 and r.get("error") is None]
+            and r.get("fsdp_wrap") is None and r["accum"] == 1 and r.get("error") is None]
     if device.type != "cuda":
         base = _find(ours, activation_checkpointing="none", compile="auto")
         ratio = base and base["ratio_to_reference"]
@@ -348,7 +355,7 @@ def _fmt(value, spec: str) -> str:
 
 
 def print_table(rows: list[dict], stream=sys.stdout) -> None:
-    head = (f"{'impl':<9} {'B':>3} {'T':>5} {'acc':>3} {'ac':<9} {'compile':<7} {'sdpa':<7} {'reshard':<7} "
+    head = (f"{'impl':<9} {'B':>3} {'T':>5} {'acc':>3} {'ac':<9} {'compile':<7} {'sdpa':<7} {'reshard':<7} {'wrap':<5} "
             f"{'step ms':>9} {'tok/s':>11} {'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>8} {'x ref':>6}")
     print(head, file=stream)
     print("-" * len(head), file=stream)
@@ -357,8 +364,9 @@ def print_table(rows: list[dict], stream=sys.stdout) -> None:
             print(f"{r['impl']:<9} {r['case']}: ERROR {r['error']}", file=stream)
             continue
         reshard = "-" if r["reshard_after_forward"] is None else str(r["reshard_after_forward"]).lower()
+        wrap = r.get("fsdp_wrap") or "-"
         print(f"{r['impl']:<9} {r['micro_batch']:>3} {r['seq_len']:>5} {r['accum']:>3} {r['activation_checkpointing']:<9} "
-              f"{r['compile']:<7} {r['sdpa']:<7} {reshard:<7} {r['step_ms']:>9.2f} {r['tok_per_s']:>11,.0f} "
+              f"{r['compile']:<7} {r['sdpa']:<7} {reshard:<7} {wrap:<5} {r['step_ms']:>9.2f} {r['tok_per_s']:>11,.0f} "
               f"{r['tflops']:>8.3f} {_fmt(r['mfu'], '.3f'):>6} {r['peak_mem_gib']:>8.2f} "
               f"{_fmt(r['ratio_to_reference'], '.3f'):>6}", file=stream, flush=True)
 
@@ -421,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.perf_counter() - started
         if args.budget_s is not None and elapsed > args.budget_s:
             rows.append({"impl": "smollm2", "case": case.label, "error": f"skipped: budget {args.budget_s:.0f}s spent",
-                         "sdpa": case.sdpa, "reshard_after_forward": case.reshard, "accum": case.accum})
+                         "sdpa": case.sdpa, "reshard_after_forward": case.reshard, "fsdp_wrap": case.wrap,
+                         "accum": case.accum})
             continue
         if case.sdpa != previous_sdpa or case.compile == "whole":  # compiled graphs bake the attention kernel in
             torch._dynamo.reset()
@@ -430,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
             new = run_case(case, cfg, env, args, peak, reference_cache)
         except Exception as err:  # noqa: BLE001 - one failing lever must not lose the table
             new = [{"impl": "smollm2", "case": case.label, "error": f"{type(err).__name__}: {str(err)[:300]}",
-                    "sdpa": case.sdpa, "reshard_after_forward": case.reshard, "accum": case.accum}]
+                    "sdpa": case.sdpa, "reshard_after_forward": case.reshard, "fsdp_wrap": case.wrap,
+                    "accum": case.accum}]
             reset_memory(device)
         rows.extend(new)
         if main_rank:

@@ -58,6 +58,10 @@ class TrainConfig:
     compile: str = "auto"  # auto (on for CUDA, off for CPU) | true | false
     device: str = "auto"  # auto | cuda | cpu
     reshard_after_forward: bool = True
+    # FSDP2 units: block (each block, plus a root unit for embedding, final norm and tied head) | root (one unit for
+    # the whole model: one all-gather and one reduce-scatter per step, fewest host-side hooks) | auto (root at world
+    # size 1, where sharding saves nothing, block otherwise). The checkpoint format is the same for all three.
+    fsdp_wrap: str = "auto"
 
 
 @dataclass
@@ -261,6 +265,7 @@ def validate(cfg: Config) -> None:
     _one_of(t.dtype, "train.dtype", ("bf16", "fp32"))
     _one_of(t.activation_checkpointing, "train.activation_checkpointing", ("none", "full", "selective"))
     _one_of(str(t.compile).lower(), "train.compile", ("auto", "true", "false"))
+    _one_of(t.fsdp_wrap, "train.fsdp_wrap", ("auto", "block", "root"))
     _one_of(str(o.fused).lower(), "optim.fused", ("auto", "true", "false"))
     _one_of(t.device, "train.device", ("auto", "cuda", "cpu"))
     _one_of(o.schedule, "optim.schedule", ("cosine", "wsd", "constant"))

@@ -105,11 +105,19 @@ def checkpoint_fn(mode: str):
                    context_fn=partial(create_selective_checkpoint_contexts, _selective_policy()))
 
 
+def fsdp_wrap(setting: str, world_size: int) -> str:
+    """block | root: at world size 1 every shard is the whole tensor, so per-block units only add host-side hooks."""
+    if setting == "auto":
+        return "root" if world_size == 1 else "block"
+    return setting
+
+
 def build_model(cfg: Config, env: DistEnv, *, init_seed: int | None = None) -> SmolLM:
     """The training model: sharded, mixed precision, checkpointed and compiled as configured, weights initialized."""
     with torch.device("meta"):
         model = SmolLM(cfg.model)
-    model.block_call = checkpoint_fn(cfg.train.activation_checkpointing)
+    for block in model.blocks:  # inside each block's forward, so compile traces it (parameter names unchanged)
+        block.checkpoint = checkpoint_fn(cfg.train.activation_checkpointing)
     if _compile_enabled(cfg.train.compile, env.device):
         for block in model.blocks:  # per-block compile keeps parameter names (and so checkpoints) unchanged
             block.compile()
@@ -119,9 +127,9 @@ def build_model(cfg: Config, env: DistEnv, *, init_seed: int | None = None) -> S
     else:
         mp = MixedPrecisionPolicy()
     shard = partial(fully_shard, mp_policy=mp)
-    reshard = cfg.train.reshard_after_forward
-    for block in model.blocks:
-        shard(block, reshard_after_forward=reshard)
+    if fsdp_wrap(cfg.train.fsdp_wrap, env.world_size) == "block":
+        for block in model.blocks:
+            shard(block, reshard_after_forward=cfg.train.reshard_after_forward)
     # Root unit: token embedding, final norm and the tied head must live in one FSDP group.
     # It is all-gathered for the forward's last step anyway, so keep it unsharded until backward.
     shard(model, reshard_after_forward=False)

@@ -198,16 +198,17 @@ def test_sigterm_checkpoints_and_exits_cleanly(shakespeare_data, tmp_path):
     assert find_latest(run / "checkpoints").name == f"step-{step + 2:06d}"
 
 
-def test_activation_checkpointing_does_not_change_the_math(shakespeare_data, tmp_path):
-    """full / selective recompute the same forward: the same losses as none (fp32, one process)."""
+def test_activation_checkpointing_and_fsdp_units_do_not_change_the_math(shakespeare_data, tmp_path):
+    """full / selective recompute the same forward, and one root FSDP unit (the default at world size 1) computes what
+    per-block units do: the same losses (fp32, one process)."""
     by_mode = {}
-    for mode in ("none", "full", "selective"):
-        run = tmp_path / mode
+    for mode, wrap in (("none", "block"), ("none", "root"), ("full", "root"), ("selective", "block")):
+        run = tmp_path / f"{mode}-{wrap}"
         train(0, run, shakespeare_data, "train.max_steps=3", f"train.activation_checkpointing={mode}",
-              "eval.interval=0", "sample.interval=0")
-        by_mode[mode] = [r["loss"] for r in records(run)]
-    assert by_mode["full"] == pytest.approx(by_mode["none"], rel=1e-6)
-    assert by_mode["selective"] == pytest.approx(by_mode["none"], rel=1e-6)
+              f"train.fsdp_wrap={wrap}", "eval.interval=0", "sample.interval=0")
+        by_mode[mode, wrap] = [r["loss"] for r in records(run)]
+    for other in (("none", "root"), ("full", "root"), ("selective", "block")):
+        assert by_mode[other] == pytest.approx(by_mode["none", "block"], rel=1e-6), other
 
 
 def test_bf16_mixed_precision_trains_and_keeps_fp32_weights(shakespeare_data, tmp_path):
