@@ -59,7 +59,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cuda | cpu
     reshard_after_forward: bool = True
     # FSDP2 units: block (each block, plus a root unit for embedding, final norm and tied head) | root (one unit for
-    # the whole model: one all-gather and one reduce-scatter per step, fewest host-side hooks) | auto (root at world
+    # the whole model: one all-gather per micro-step, one reduce-scatter per step, fewest host-side hooks) | auto (root at world
     # size 1, where sharding saves nothing, block otherwise). The checkpoint format is the same for all three.
     fsdp_wrap: str = "auto"
 
