@@ -253,31 +253,32 @@ def make_row(impl: str, case: Case, cfg: Config, env: DistEnv, times: list[float
             "ratio_to_reference": None}
 
 
+def build_and_time(build, device: torch.device, args) -> tuple[object, list[float], float, float]:
+    """Build a runner, time its warm-up + timed steps: (runner, step ms, build + warm-up seconds, peak memory GiB)."""
+    start = time.perf_counter()
+    runner = build()
+    times = time_steps(runner.step, device, args.warmup, args.steps)
+    return runner, times, time.perf_counter() - start - sum(times) / 1000, peak_memory_gib(device)
+
+
 def run_case(case: Case, cfg: Config, env: DistEnv, args, peak: float, reference_cache: dict) -> list[dict]:
     """Our step on `case` (and the reference on its (B, T, accum, compile) once), timed in `args.rounds` alternating
     rounds (rounds > 1 keeps both models alive: fairer on noisy CPUs, but CUDA memory then counts both)."""
     device = env.device
     ref_key = (case.micro_batch, case.seq_len, case.accum, compile_on(case, device))
     want_ref = case.reference and not args.no_reference and ref_key not in reference_cache
-    rows, ours_times, ref_times = [], [], []
+    rows = []
     with sdpa_backend(case.sdpa, device):
         reset_memory(device)
-        start = time.perf_counter()
-        ours = Ours(cfg, case, env)
-        ours_times += time_steps(ours.step, device, args.warmup, args.steps)
-        ours_setup = time.perf_counter() - start - sum(ours_times) / 1000
-        ours_memory = peak_memory_gib(device)
+        ours, ours_times, ours_setup, ours_memory = build_and_time(lambda: Ours(cfg, case, env), device, args)
         reference = None
         if want_ref:
             if args.rounds <= 1:
                 del ours
                 ours = None
                 reset_memory(device)
-            start = time.perf_counter()
-            reference = Reference(cfg, case, device)
-            ref_times += time_steps(reference.step, device, args.warmup, args.steps)
-            ref_setup = time.perf_counter() - start - sum(ref_times) / 1000
-            ref_memory = peak_memory_gib(device)
+            reference, ref_times, ref_setup, ref_memory = build_and_time(lambda: Reference(cfg, case, device), device,
+                                                                         args)
             for _ in range(args.rounds - 1):
                 ours_times += time_steps(ours.step, device, 1, args.steps)
                 ref_times += time_steps(reference.step, device, 1, args.steps)
