@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
+import typing
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,80 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from smollm2.errors import ConfigError
+
+
+class Choice(str, Enum):
+    """A config value from a fixed set. Members are their strings (`Dtype.bf16 == "bf16"`) and print as them; YAML
+    and `key=value` overrides give them by name, and anything else is rejected naming the key and the choices."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Attention(Choice):
+    auto = "auto"  # flash_attn if importable on CUDA, else SDPA (which already picks flash/cuDNN kernels on GPUs)
+    sdpa = "sdpa"
+    flash_attn = "flash_attn"
+    naive = "naive"  # explicit masked softmax: the reference the tests compare against
+
+
+class Dtype(Choice):
+    bf16 = "bf16"  # bf16 compute and communication, fp32 master weights and gradient reduction
+    fp32 = "fp32"
+
+
+class Recompute(Choice):
+    """Activation checkpointing: which activations each block recomputes in the backward instead of keeping."""
+
+    none = "none"
+    full = "full"  # everything: the least memory
+    selective = "selective"  # keep matmul and attention outputs, recompute the cheap elementwise ops
+
+
+class Device(Choice):
+    auto = "auto"  # cuda if available
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+class FsdpWrap(Choice):
+    """FSDP2 units. The checkpoint format is the same for all three."""
+
+    auto = "auto"  # root at world size 1 (where sharding saves nothing), block otherwise
+    block = "block"  # each block, plus a root unit for embedding, final norm and tied head
+    root = "root"  # one unit: one all-gather per micro-step, one reduce-scatter per step, fewest host-side hooks
+
+
+class Schedule(Choice):
+    cosine = "cosine"
+    wsd = "wsd"  # warmup-stable-decay
+    constant = "constant"
+
+
+class WandbMode(Choice):
+    disabled = "disabled"  # nothing is imported from wandb
+    offline = "offline"  # <run_dir>/wandb/offline-run-*, `wandb sync` later; no API key
+    online = "online"
+
+
+def _require(ok: bool, key: str, reason: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid config: {key} {reason}")
+
+
+def _positive(section: Any, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _require(value > 0, prefix + name, f"must be positive (got {value})")
+
+
+def _non_negative(section: Any, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _require(value >= 0, prefix + name, f"must be >= 0 (got {value})")
 
 
 @dataclass
@@ -30,38 +104,52 @@ class ModelConfig:
     n_head: int = 12
     d_model: int = 768
     d_mlp: int = 3072
+    # The longest sequence the model is used for (training windows, prompt + generated tokens). No tensor depends on it
+    # (RoPE angles are computed per position), so a checkpoint resumes under another value.
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    attention: str = "auto"  # auto (flash_attn if importable on CUDA, else SDPA) | sdpa | flash_attn | naive
+    attention: Attention = Attention.auto
+
+    def check(self) -> None:
+        _positive(self, "model.", "vocab_size", "pad_vocab_multiple", "n_layer", "n_head", "d_model", "d_mlp",
+                  "max_seq_len")
+        _require(self.d_model % self.n_head == 0, "model.d_model",
+                 f"({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        _require((self.d_model // self.n_head) % 2 == 0, "model.d_model / model.n_head", "(head dim) must be even for RoPE")
 
 
 @dataclass
 class DataConfig:
     path: str = "data/shakespeare"  # a prepared dataset directory (train_*.bin, val_*.bin, manifest.json)
-    seq_len: int = 2048
+    seq_len: int = 2048  # <= model.max_seq_len
     micro_batch: int = 8  # windows per rank per micro-step
     seed: int = 1234  # global window order
     prefetch: int = 2  # batches prepared ahead by a background thread (0 = none)
+
+    def check(self) -> None:
+        _positive(self, "data.", "seq_len", "micro_batch")
+        _non_negative(self, "data.", "prefetch")
 
 
 @dataclass
 class TrainConfig:
     max_steps: int = 5000
     run_dir: str = "runs/smollm2"
-    dtype: str = "bf16"  # bf16 | fp32 (parameters are kept in fp32; bf16 is the compute/communication dtype)
+    dtype: Dtype = Dtype.bf16  # parameters are kept in fp32; bf16 is the compute/communication dtype
     seed: int = 1337
     resume: str | None = None  # null | latest | a checkpoint directory
     grad_accum: int = 4
-    activation_checkpointing: str = "none"  # none | full | selective
-    compile: str = "auto"  # auto (on for CUDA, off for CPU) | true | false
-    device: str = "auto"  # auto | cuda | cpu
+    activation_checkpointing: Recompute = Recompute.none
+    compile: bool | None = None  # null = auto: on for CUDA, off for CPU
+    device: Device = Device.auto
     reshard_after_forward: bool = True
-    # FSDP2 units: block (each block, plus a root unit for embedding, final norm and tied head) | root (one unit for
-    # the whole model: one all-gather per micro-step, one reduce-scatter per step, fewest host-side hooks) | auto (root at world
-    # size 1, where sharding saves nothing, block otherwise). The checkpoint format is the same for all three.
-    fsdp_wrap: str = "auto"
+    fsdp_wrap: FsdpWrap = FsdpWrap.auto
+
+    def check(self) -> None:
+        _positive(self, "train.", "max_steps", "grad_accum")
+        _require(bool(self.run_dir), "train.run_dir", "must not be empty")
 
 
 @dataclass
@@ -71,15 +159,26 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0 disables clipping
     warmup_steps: int = 200
-    schedule: str = "cosine"  # cosine | wsd | constant
+    schedule: Schedule = Schedule.cosine
     # The schedule's horizon is its own number, not train.max_steps, so that phase 2 (max_steps 5000 -> 5050) continues the
     # same curve: no re-warmup, no jump.
     decay_steps: int = 5050
     wsd_decay_fraction: float = 0.2  # wsd: the last fraction of decay_steps decays linearly
     min_lr_ratio: float = 0.1  # floor = lr * min_lr_ratio
-    fused: str = "auto"  # auto (fused on CUDA, foreach elsewhere) | true | false
+    fused: bool | None = None  # null = auto: fused on CUDA, foreach elsewhere
+
+    def check(self) -> None:
+        _positive(self, "optim.", "lr", "decay_steps")
+        _non_negative(self, "optim.", "warmup_steps", "weight_decay")
+        _require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, 0 disables clipping (got {self.grad_clip})")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1] (got {self.min_lr_ratio})")
+        _require(0 < self.wsd_decay_fraction <= 1, "optim.wsd_decay_fraction",
+                 f"must be in (0, 1] (got {self.wsd_decay_fraction})")
+        _require(self.warmup_steps <= self.decay_steps, "optim.warmup_steps",
+                 f"({self.warmup_steps}) must be <= optim.decay_steps ({self.decay_steps})")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
 
 
 @dataclass
@@ -87,15 +186,24 @@ class EvalConfig:
     interval: int = 100  # steps; 0 = never
     windows: int = 256  # the fixed val set: the first `windows` val windows, the same at any world size
 
+    def check(self) -> None:
+        _positive(self, "eval.", "windows")
+        _non_negative(self, "eval.", "interval")
+
 
 @dataclass
 class GenerateConfig:
-    temperature: float = 1.0
-    top_k: int = 50
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 50  # 0 = off
     top_p: float = 0.95
     max_new_tokens: int = 100
     stop_at_eos: bool = True
     seed: int = 0
+
+    def check(self) -> None:
+        _positive(self, "generate.", "max_new_tokens")
+        _non_negative(self, "generate.", "top_k", "temperature")
+        _require(0 < self.top_p <= 1, "generate.top_p", f"must be in (0, 1] (got {self.top_p})")
 
 
 @dataclass
@@ -105,16 +213,22 @@ class SampleConfig:
         default_factory=lambda: ["The meaning of life is", "Once upon a time,", "To be, or not to be:"]
     )
 
+    def check(self) -> None:
+        _non_negative(self, "sample.", "interval")
+
 
 @dataclass
 class CheckpointConfig:
     interval: int = 500  # steps; a checkpoint is also written at the end of every run
     keep_last: int = 3  # complete checkpoints kept; 0 = keep all
 
+    def check(self) -> None:
+        _non_negative(self, "checkpoint.", "interval", "keep_last")
+
 
 @dataclass
 class WandbConfig:
-    mode: str = "disabled"  # disabled | offline | online
+    mode: WandbMode = WandbMode.disabled
     project: str = "smollm2"
     entity: str | None = None
     name: str | None = None
@@ -125,6 +239,9 @@ class LoggingConfig:
     interval: int = 10  # steps between log lines (each costs one host sync)
     peak_tflops: float | None = None  # per-device bf16 peak for MFU; null = from the GPU table
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def check(self) -> None:
+        _positive(self, "logging.", "interval")
 
 
 @dataclass
@@ -138,6 +255,14 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def check(self) -> None:
+        """Each section's own constraints, then the ones across sections."""
+        for section in (self.model, self.data, self.train, self.optim, self.eval, self.generate, self.sample,
+                        self.checkpoint, self.logging):
+            section.check()
+        _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
+                 f"({self.data.seq_len}) must be <= model.max_seq_len ({self.model.max_seq_len})")
 
 
 # ---------------------------------------------------------------------------------------------------------------- loading
@@ -182,6 +307,28 @@ def _check_key(key: str, where: str) -> None:
     raise ConfigError(f"{where}: unknown config key '{key}'{hint}")
 
 
+def _field_type(key: str) -> Any:
+    """The schema's type of a dotted key (None if it is not a field)."""
+    cls: Any = Config
+    for part in key.split("."):
+        types = {f.name: f.type for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in types:
+            return None
+        cls = typing.get_type_hints(cls)[part]
+    return cls
+
+
+def _bad_value(key: str, err: Exception) -> str:
+    """One line naming the key and what it accepts."""
+    kind = _field_type(key)
+    value = getattr(err, "value", None)
+    if isinstance(kind, type) and issubclass(kind, Choice):
+        return f"invalid config: {key} must be one of {', '.join(c.value for c in kind)} (got {value!r})"
+    if kind == (bool | None):
+        return f"invalid config: {key} must be true, false or null (null = auto) (got {value!r})"
+    return f"bad value for '{key}': {str(err).splitlines()[0]}"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML preset <- `key=value` overrides, then validation."""
     schema = OmegaConf.structured(Config)
@@ -216,88 +363,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as err:
             key = getattr(err, "full_key", None) or "?"
-            msg = str(err).splitlines()[0]
-            raise ConfigError(f"{where}: bad value for '{key}': {msg}") from None
+            raise ConfigError(f"{where}: {_bad_value(key, err)}") from None
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(cfg)
     return cfg
 
 
-def _require(ok: bool, key: str, reason: str) -> None:
-    if not ok:
-        raise ConfigError(f"invalid config: {key} {reason}")
-
-
-def _one_of(value: Any, key: str, choices: tuple[str, ...]) -> None:
-    _require(value in choices, key, f"must be one of {', '.join(choices)} (got {value!r})")
-
-
 def validate(cfg: Config) -> None:
-    m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
-    for key, value in [
-        ("model.vocab_size", m.vocab_size), ("model.n_layer", m.n_layer), ("model.n_head", m.n_head),
-        ("model.d_model", m.d_model), ("model.d_mlp", m.d_mlp), ("model.max_seq_len", m.max_seq_len),
-        ("model.pad_vocab_multiple", m.pad_vocab_multiple), ("data.seq_len", d.seq_len),
-        ("data.micro_batch", d.micro_batch), ("train.max_steps", t.max_steps), ("train.grad_accum", t.grad_accum),
-        ("optim.decay_steps", o.decay_steps), ("eval.windows", cfg.eval.windows),
-        ("generate.max_new_tokens", cfg.generate.max_new_tokens), ("logging.interval", cfg.logging.interval),
-    ]:
-        _require(value > 0, key, f"must be positive (got {value})")
-    for key, value in [
-        ("eval.interval", cfg.eval.interval), ("sample.interval", cfg.sample.interval),
-        ("checkpoint.interval", cfg.checkpoint.interval), ("checkpoint.keep_last", cfg.checkpoint.keep_last),
-        ("optim.warmup_steps", o.warmup_steps), ("optim.weight_decay", o.weight_decay), ("data.prefetch", d.prefetch),
-        ("generate.top_k", cfg.generate.top_k), ("generate.temperature", cfg.generate.temperature),
-    ]:
-        _require(value >= 0, key, f"must be >= 0 (got {value})")
-    _require(m.d_model % m.n_head == 0, "model.d_model", f"({m.d_model}) must be divisible by model.n_head ({m.n_head})")
-    _require((m.d_model // m.n_head) % 2 == 0, "model.d_model / model.n_head", "(head dim) must be even for RoPE")
-    _require(d.seq_len <= m.max_seq_len, "data.seq_len", f"({d.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})")
-    _require(o.lr > 0, "optim.lr", f"must be positive (got {o.lr})")
-    _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, 0 disables clipping (got {o.grad_clip})")
-    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1] (got {o.min_lr_ratio})")
-    _require(0 < o.wsd_decay_fraction <= 1, "optim.wsd_decay_fraction", f"must be in (0, 1] (got {o.wsd_decay_fraction})")
-    _require(o.warmup_steps <= o.decay_steps, "optim.warmup_steps",
-             f"({o.warmup_steps}) must be <= optim.decay_steps ({o.decay_steps})")
-    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
-    _require(0 < cfg.generate.top_p <= 1, "generate.top_p", f"must be in (0, 1] (got {cfg.generate.top_p})")
-    _one_of(m.attention, "model.attention", ("auto", "sdpa", "flash_attn", "naive"))
-    _one_of(t.dtype, "train.dtype", ("bf16", "fp32"))
-    _one_of(t.activation_checkpointing, "train.activation_checkpointing", ("none", "full", "selective"))
-    _one_of(str(t.compile).lower(), "train.compile", ("auto", "true", "false"))
-    _one_of(t.fsdp_wrap, "train.fsdp_wrap", ("auto", "block", "root"))
-    _one_of(str(o.fused).lower(), "optim.fused", ("auto", "true", "false"))
-    _one_of(t.device, "train.device", ("auto", "cuda", "cpu"))
-    _one_of(o.schedule, "optim.schedule", ("cosine", "wsd", "constant"))
-    _one_of(cfg.logging.wandb.mode, "logging.wandb.mode", ("disabled", "offline", "online"))
-    _require(bool(t.run_dir), "train.run_dir", "must not be empty")
+    """Every constraint of every section (each sits next to its fields, in the section's `check`)."""
+    cfg.check()
 
 
 # ---------------------------------------------------------------------------------------------------------------- output
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Plain data (choices as their strings): for JSON, meta.json and WandB."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)  # type: ignore[return-value]
 
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def config_hash(section: Any) -> str:
-    """A short, stable hash of a config section (used to recognise checkpoints of the same model)."""
-    blob = json.dumps(dataclasses.asdict(section), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
 def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """A checkpoint's saved model section (keys this version does not know are ignored), typed like a loaded config."""
     known = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in data.items() if k in known})
-
-
-def split_cli(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Split argv into (flags, key=value overrides): anything with '=' that is not a --flag is an override."""
-    flags, overrides = [], []
-    for arg in argv:
-        (overrides if ("=" in arg and not arg.startswith("-")) else flags).append(arg)
-    return flags, overrides
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), {k: v for k, v in data.items() if k in known})
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]

@@ -37,6 +37,8 @@ def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq
 
 
 def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory in GiB: CUDA, allocated since the last `reset_peak_memory_stats`; CPU, the process's peak RSS so far
+    (no reset: it only grows over the process's life, e.g. across bench cases). Training logs and `bench.step` use it."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     try:
@@ -129,10 +131,10 @@ class WandbSink:
 
 
 class Metrics:
-    """Rank 0's logger. `sinks` is the seam for more outputs (WandB)."""
+    """Rank 0's logger (other ranks pass no sinks). `sinks` is the seam for more outputs (WandB)."""
 
-    def __init__(self, sinks: list, enabled: bool):
-        self.sinks = sinks if enabled else []
+    def __init__(self, sinks: list):
+        self.sinks = sinks
 
     def log(self, kind: str, record: dict[str, Any]) -> None:
         for sink in self.sinks:

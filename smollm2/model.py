@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from smollm2.config import Attention as AttentionBackend
 from smollm2.config import ModelConfig, load_config
+from smollm2.loss import linear_cross_entropy
 
 try:  # optional: flash-attn has no wheels; SDPA already picks flash/cuDNN kernels on GPUs
     from flash_attn import flash_attn_func  # type: ignore[import-not-found]
@@ -106,12 +109,12 @@ class Attention(nn.Module):
 
     def _attend(self, q, k, v, start_pos: int):
         backend = self.backend
-        if backend == "auto":
+        if backend == AttentionBackend.auto:
             usable = flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            backend = "flash_attn" if usable else "sdpa"
-        if backend == "naive":
+            backend = AttentionBackend.flash_attn if usable else AttentionBackend.sdpa
+        if backend == AttentionBackend.naive:
             return naive_attention(q, k, v, start_pos)
-        if backend == "flash_attn":
+        if backend == AttentionBackend.flash_attn:
             if flash_attn_func is None:
                 raise RuntimeError("model.attention=flash_attn but the flash_attn package is not importable")
             # flash-attn aligns the causal mask to the bottom-right corner, which is what a KV-cache decode needs.
@@ -137,20 +140,22 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    """`recompute`: None, or how training calls the block's math under activation checkpointing, e.g.
+    `partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)` (chosen by smollm2.parallelize). It is applied
+    inside forward, so a compiled block traces the recompute itself (wrapping a compiled block in an eager checkpoint
+    would recompute through a different graph)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, recompute: Callable | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=True)
         self.attn = Attention(cfg, layer)
         self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=True)
         self.mlp = MLP(cfg)
-        # Activation checkpointing in training: None, or a wrapper such as `partial(torch.utils.checkpoint.checkpoint,
-        # ...)` (set by smollm2.distributed.build_model). It is applied inside forward, so a compiled block traces the
-        # checkpoint itself (wrapping a compiled block in an eager checkpoint recomputes through a different graph).
-        self.checkpoint = None
+        self.recompute = recompute
 
     def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0):
-        if self.checkpoint is not None and kv_cache is None and torch.is_grad_enabled():
-            return self.checkpoint(self._forward, x, cos, sin)
+        if self.recompute is not None and kv_cache is None and torch.is_grad_enabled():
+            return self.recompute(self._forward, x, cos, sin)
         return self._forward(x, cos, sin, kv_cache, start_pos)
 
     def _forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0):
@@ -158,114 +163,23 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-# ------------------------------------------------------------------------------------------------------ head + loss
-
-# Logits per chunk (rows x padded vocab), rounded down to a power-of-two row count. CPU: 2**25 (512 rows of the 50,304
-# vocab, 128 MiB in fp32). CUDA: 2**28 (4,096 rows): on an H200, B=8 x T=2048 through the head + loss, forward and
-# backward, took 8.4 ms with a 1.55 GiB peak, against 18.4 ms (0.54 GiB) with 512-row chunks, and 7.7 ms (1.79 GiB) for
-# compiled F.cross_entropy over the full logits; fewer chunks also mean fewer host-side launches (bench/NOTES.md).
-LOSS_CHUNK_ELEMENTS = 2**25
-LOSS_CHUNK_ELEMENTS_CUDA = 2**28
-
-
-def _ce_chunk_eager(logits, targets, valid, vocab: int, need_grad: bool):
-    """One chunk: (sum of CE over valid rows, d(sum CE)/d logits in the logits' dtype or None). In place, few passes."""
-    dtype = logits.dtype
-    logits = logits.float()
-    logits[:, vocab:] = float("-inf")
-    logp = torch.log_softmax(logits, dim=-1)
-    del logits
-    safe_t = torch.where(valid, targets, 0).unsqueeze(1)
-    loss = -(logp.gather(1, safe_t).squeeze(1) * valid).sum()
-    if not need_grad:
-        return loss, None
-    probs = logp.exp_()  # softmax - onehot; rows with ignored targets are masked by the caller
-    probs.scatter_add_(1, safe_t, torch.full(safe_t.shape, -1.0, device=probs.device))
-    return loss, probs.to(dtype)
-
-
-def _ce_chunk_functional(logits, targets, valid, vocab: int):
-    """The same as `_ce_chunk_eager` with gradient, written for torch.compile (one fused read of the logits)."""
-    dtype = logits.dtype
-    columns = torch.arange(logits.shape[1], device=logits.device)
-    logits = logits.float().masked_fill(columns >= vocab, float("-inf"))
-    logp = torch.log_softmax(logits, dim=-1)
-    safe_t = torch.where(valid, targets, 0).unsqueeze(1)
-    loss = -(logp.gather(1, safe_t).squeeze(1) * valid).sum()
-    return loss, (logp.exp() - (columns == safe_t).float()).to(dtype)
-
-
-_compiled_chunk = None
-
-
-def _ce_chunk_compiled(logits, targets, valid, vocab: int):
-    global _compiled_chunk
-    if _compiled_chunk is None:
-        _compiled_chunk = torch.compile(_ce_chunk_functional, dynamic=False)
-    return _compiled_chunk(logits, targets, valid, vocab)
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """mean_i CE(h_i @ W.T, t_i), the gradients computed chunk by chunk in the forward (they need only the chunk's
-    softmax) and scaled by the incoming gradient in the backward. Logit columns >= `vocab` are padding: -inf, so they
-    carry no probability mass and get no gradient. Per chunk: logits in the weight's dtype (bf16 under mixed precision,
-    like the plain path), softmax and loss in fp32, the two gradient matmuls in the weight's dtype, dW summed in fp32."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, vocab: int, need_grad: bool, compiled: bool):
-        n = h.shape[0]
-        elements = LOSS_CHUNK_ELEMENTS_CUDA if h.is_cuda else LOSS_CHUNK_ELEMENTS
-        rows = min(n, 1 << max(0, (elements // weight.shape[0]).bit_length() - 1))  # a power of two
-        valid = targets != -100
-        count = valid.sum().clamp(min=1).float()
-        loss = torch.zeros((), device=h.device, dtype=torch.float32)
-        grad_h = torch.empty_like(h) if need_grad else None
-        grad_w = None
-        for start in range(0, n, rows):
-            h_c, t_c, v_c = h[start : start + rows], targets[start : start + rows], valid[start : start + rows]
-            logits = h_c @ weight.t()
-            if compiled and need_grad:
-                loss_c, g = _ce_chunk_compiled(logits, t_c, v_c, vocab)
-            else:
-                loss_c, g = _ce_chunk_eager(logits, t_c, v_c, vocab, need_grad)
-            del logits
-            loss += loss_c
-            if need_grad:  # d(sum CE)/d logits = softmax - onehot on valid rows; the 1/count comes after the matmuls
-                grad_h[start : start + rows] = (g @ weight) * (v_c.float() / count).unsqueeze(1)
-                part = g.t() @ (h_c * v_c.unsqueeze(1).to(h_c.dtype))  # 0/1 row mask: exact in any dtype
-                grad_w = part.float() if grad_w is None else grad_w.add_(part)
-        if need_grad:
-            ctx.save_for_backward(grad_h, grad_w.div_(count).to(weight.dtype))
-        return loss / count
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None, None
-
-
-def linear_cross_entropy(h, weight, targets, vocab: int, compiled: bool = False):
-    """Mean cross-entropy of the logits `h @ weight.T` (columns >= vocab masked) over targets != -100. h [N, C].
-
-    `compiled`: run each chunk's softmax/gradient through torch.compile (one fused kernel; for GPUs)."""
-    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(h, weight, targets, vocab, need_grad, compiled)
-
-
 # ---------------------------------------------------------------------------------------------------------------- model
 
 
 class SmolLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """`recompute`: each block's activation-checkpointing wrapper in training (see `Block`); `compiled_loss`: run the
+    fused loss's per-chunk softmax + gradient through torch.compile. Both are chosen by smollm2.parallelize."""
+
+    def __init__(self, cfg: ModelConfig, *, recompute: Callable | None = None, compiled_loss: bool = False):
         super().__init__()
         self.cfg = cfg
         self.padded_vocab = padded_vocab_size(cfg)
         self.embed = nn.Embedding(self.padded_vocab, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i, recompute) for i in range(cfg.n_layer))
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=True)
         self.head = nn.Linear(cfg.d_model, self.padded_vocab, bias=False)
         self.head.weight = self.embed.weight  # tied
-        self.compile_loss = False  # compile the loss's per-chunk softmax (set with the blocks' compile by build_model)
+        self.compiled_loss = compiled_loss
 
     def forward(self, idx, targets=None, *, kv_cache: KVCache | None = None, start_pos: int = 0):
         """idx [B, T] -> logits [B, T, padded_vocab] (padded columns -inf), or the mean cross-entropy if targets given."""
@@ -289,7 +203,7 @@ class SmolLM(nn.Module):
         """Mean cross-entropy (fp32) over the targets that are not -100, through the fused, chunked head + loss
         (`linear_cross_entropy`): the [B*T, vocab] logits are never held whole, nor kept for the backward."""
         return linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.head.weight, targets.reshape(-1), self.cfg.vocab_size,
-                                    compiled=self.compile_loss)
+                                    compiled=self.compiled_loss)
 
     # ------------------------------------------------------------------------------------------------ initialization
 
@@ -303,27 +217,41 @@ class SmolLM(nn.Module):
         return self
 
     @torch.no_grad()
-    def init_weights(self, seed: int = 0) -> None:
-        """GPT-2 init (std 0.02; residual projections 0.02/sqrt(2*n_layer); biases 0; norms 1/0).
+    def init_weights(self, seed: int = 0, copy_into: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
+        """GPT-2 init, by module type: Linear and Embedding weights N(0, 0.02), the residual projections (attention and
+        MLP output) N(0, 0.02/sqrt(2*n_layer)); biases 0; LayerNorm 1/0; the padded embedding rows 0.
 
-        Each parameter is drawn in full from a CPU generator seeded by (seed, parameter index), then the local shard is
-        copied in: the same seed gives the same model on the meta device or not, sharded or not, at any world size."""
+        Each parameter is drawn in full from a CPU generator seeded by (seed, parameter index), then copied in with
+        `copy_into(param, full)` (default: a plain copy; smollm2.parallelize passes one that copies a sharded parameter's
+        local shard): the same seed gives the same model on the meta device or not, sharded or not, at any world size."""
         std = self.cfg.init_std
         resid_std = std / math.sqrt(2 * self.cfg.n_layer)
-        for index, (name, param) in enumerate(self.named_parameters()):
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        copy_into = copy_into or (lambda param, full: param.copy_(full))
+        index = {id(param): i for i, param in enumerate(self.parameters())}  # the tied table appears once
+        done: set[int] = set()
+
+        def fill(param: torch.Tensor, draw: Callable[[torch.Tensor, torch.Generator], object]) -> None:
+            if id(param) in done:  # the tied head after the embedding; a projection after its residual scaling
+                return
+            done.add(id(param))
             full = torch.zeros(param.shape, dtype=torch.float32)
-            if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "norm.weight":
-                full.fill_(1.0)
-            elif name.endswith(".bias"):
-                pass  # biases start at 0
-            elif name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
-                full.normal_(0.0, resid_std, generator=generator)
-            else:  # embedding (= head) and the qkv / fc matrices
-                full.normal_(0.0, std, generator=generator)
-                if name == "embed.weight":
-                    full[self.cfg.vocab_size :] = 0.0  # padding rows: never looked up, never predicted
-            _copy_full_into(param, full)
+            draw(full, torch.Generator().manual_seed(seed * 1_000_003 + index[id(param)]))
+            copy_into(param, full)
+
+        zeros = lambda full, g: None  # noqa: E731 - already zero
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm):
+                fill(module.weight, lambda full, g: full.fill_(1.0))
+                fill(module.bias, zeros)
+            elif isinstance(module, nn.Embedding):
+                fill(module.weight, lambda full, g: full.normal_(0.0, std, generator=g)[self.cfg.vocab_size :].zero_())
+            elif isinstance(module, (Attention, MLP)):  # output projections feed the residual stream: scaled down
+                fill(module.proj.weight, lambda full, g: full.normal_(0.0, resid_std, generator=g))
+            elif isinstance(module, nn.Linear):
+                fill(module.weight, lambda full, g: full.normal_(0.0, std, generator=g))
+                if module.bias is not None:
+                    fill(module.bias, zeros)
+        assert len(done) == len(index), "a parameter of a module type init_weights does not know"
 
     def num_params(self, logical: bool = True) -> int:
         """Parameter count (the tied table counted once); `logical` counts the 50,258-row vocab, not the padded storage."""
@@ -331,19 +259,6 @@ class SmolLM(nn.Module):
         if logical:
             total -= (self.padded_vocab - self.cfg.vocab_size) * self.cfg.d_model
         return total
-
-
-def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if isinstance(param, DTensor):
-        try:  # src_data_rank=None: every rank holds the same full tensor, so split locally, no communication
-            shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-        except TypeError:  # torch < 2.7
-            shard = distribute_tensor(full.to(param.device), param.device_mesh, param.placements)
-        param.to_local().copy_(shard.to_local())
-    else:
-        param.copy_(full)
 
 
 # ------------------------------------------------------------------------------------------------------ parameter table

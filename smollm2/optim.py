@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from smollm2.config import OptimConfig
+from smollm2.config import OptimConfig, Schedule
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
@@ -18,8 +18,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     for param in model.parameters():  # the tied table appears once
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)  # biases and norms: no decay
-    fused_setting = str(cfg.fused).lower()
-    fused = device.type == "cuda" if fused_setting == "auto" else fused_setting == "true"
+    fused = device.type == "cuda" if cfg.fused is None else cfg.fused  # None: auto
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -44,9 +43,9 @@ class LRSchedule:
         peak, floor = c.lr, c.lr * c.min_lr_ratio
         if step < c.warmup_steps:
             return peak * (step + 1) / c.warmup_steps
-        if c.schedule == "constant":
+        if c.schedule == Schedule.constant:
             return peak
-        if c.schedule == "wsd":
+        if c.schedule == Schedule.wsd:
             decay_start = c.decay_steps - int(c.wsd_decay_fraction * c.decay_steps)
             decay_start = max(decay_start, c.warmup_steps)
             if step < decay_start:
@@ -64,7 +63,7 @@ class LRSchedule:
 
     def state_dict(self) -> dict:
         c = self.cfg
-        return {"schedule": c.schedule, "lr": c.lr, "warmup_steps": c.warmup_steps, "decay_steps": c.decay_steps,
+        return {"schedule": str(c.schedule), "lr": c.lr, "warmup_steps": c.warmup_steps, "decay_steps": c.decay_steps,
                 "min_lr_ratio": c.min_lr_ratio, "wsd_decay_fraction": c.wsd_decay_fraction}
 
     def changes_from(self, saved: dict) -> list[str]:

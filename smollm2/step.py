@@ -1,4 +1,4 @@
-"""One optimizer step of training: the code `smollm2.train` runs and `smollm2.bench` times.
+"""One optimizer step of training: the code `smollm2.train` runs and `python -m bench.step` times.
 
 No host sync: the loss stays on the device (accumulated into `loss_sum`), and the gradient norm is returned as a tensor
 (a DTensor under FSDP2), read only on log steps.

@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 
 from smollm2.checkpoint import Checkpointer, find_latest, resolve
-from smollm2.config import Config, load_config, to_dict, to_yaml
+from smollm2.config import Config, WandbMode, load_config, to_dict, to_yaml
 from smollm2.data import Dataset, TrainLoader, ValWindows
-from smollm2.distributed import DistEnv, build_model, init_distributed, shutdown
+from smollm2.distributed import DistEnv, init_distributed, shutdown
 from smollm2.errors import UserError
 from smollm2.generate import generate
 from smollm2.metrics import (
@@ -38,6 +38,7 @@ from smollm2.metrics import (
     peak_memory_gib,
 )
 from smollm2.optim import LRSchedule, build_optimizer
+from smollm2.parallelize import build_model
 from smollm2.step import train_step
 from smollm2.tokenizer import get_tokenizer
 
@@ -169,11 +170,11 @@ def train(cfg: Config, env: DistEnv) -> TrainState:
     if env.is_main:
         sinks = [ConsoleSink(), JsonlSink(run_dir)]
         wb = cfg.logging.wandb
-        if wb.mode != "disabled":
+        if wb.mode != WandbMode.disabled:
             wandb_sink = WandbSink(wb.mode, wb.project, wb.entity, wb.name, run_dir, state.logger_run_id, to_dict(cfg))
             state.logger_run_id = wandb_sink.run_id
             sinks.append(wandb_sink)
-    metrics = Metrics(sinks, enabled=env.is_main)
+    metrics = Metrics(sinks)
     _log(env, f"model {n_params:,} parameters | world size {env.world_size} on {env.device.type} | "
               f"{tokens_per_step:,} tokens/step ({micro} x {accum} x {env.world_size} windows of {seq_len}) | "
               f"dtype {cfg.train.dtype} | activation checkpointing {cfg.train.activation_checkpointing}")

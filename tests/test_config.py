@@ -2,7 +2,9 @@ import subprocess
 
 import pytest
 
-from smollm2.config import ConfigError, load_config, split_cli
+from smollm2.checkpoint import check_model_matches
+from smollm2.config import ConfigError, load_config, to_dict
+from smollm2.errors import CheckpointError
 
 
 def test_presets_load(root):
@@ -55,14 +57,42 @@ def test_unknown_key_in_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-def test_split_cli():
-    assert split_cli(["--config", "a.yaml", "train.max_steps=3", "--resume=latest"]) == (
-        ["--config", "a.yaml", "--resume=latest"], ["train.max_steps=3"])
-
-
 def test_cli_error_is_one_line_without_traceback(root, python):
     proc = subprocess.run([python, "-m", "smollm2.model", "--config", "configs/tiny.yaml", "model.n_layr=2"],
-                          cwd=root, capture_output=True, text=True)
+                          cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: command line: unknown config key 'model.n_layr'; "
                                    "did you mean 'model.n_layer'?")
+
+
+def test_typed_choices_and_auto_switches(root):
+    cfg = load_config(root / "configs/tiny.yaml", ["train.compile=true", "optim.fused=false", "train.fsdp_wrap=root"])
+    assert cfg.train.compile is True and cfg.optim.fused is False and cfg.train.fsdp_wrap == "root"
+    auto = load_config(root / "configs/tiny.yaml", ["train.compile=null"])
+    assert auto.train.compile is None and auto.optim.fused is None  # null = auto
+    assert to_dict(cfg)["train"]["fsdp_wrap"] == "root" and type(to_dict(cfg)["train"]["fsdp_wrap"]) is str
+    assert f"{cfg.train.dtype}" == "fp32" and str(cfg.logging.wandb.mode) == "disabled"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.compile=auto", "train.compile must be true, false or null (null = auto) (got 'auto')"),
+    ("optim.fused=maybe", "optim.fused must be true, false or null"),
+    ("train.activation_checkpointing=some", "train.activation_checkpointing must be one of none, full, selective"),
+    ("train.fsdp_wrap=layer", "train.fsdp_wrap must be one of auto, block, root"),
+    ("optim.schedule=linear", "optim.schedule must be one of cosine, wsd, constant"),
+    ("logging.wandb.mode=on", "logging.wandb.mode must be one of disabled, offline, online"),
+    ("model.attention=flash", "model.attention must be one of auto, sdpa, flash_attn, naive"),
+])
+def test_bad_choice_names_the_key_and_the_choices(root, override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(root / "configs/tiny.yaml", [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_max_seq_len_does_not_block_a_resume(root, tmp_path):
+    """No tensor depends on model.max_seq_len (RoPE angles are computed per position): a checkpoint's model section may
+    differ there, but not in a shape."""
+    saved = to_dict(load_config(root / "configs/tiny.yaml").model)
+    check_model_matches({"model": saved}, load_config(root / "configs/tiny.yaml", ["model.max_seq_len=256"]), tmp_path)
+    with pytest.raises(CheckpointError, match="model.n_layer: checkpoint 2, config 3"):
+        check_model_matches({"model": saved}, load_config(root / "configs/tiny.yaml", ["model.n_layer=3"]), tmp_path)

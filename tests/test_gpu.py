@@ -32,7 +32,7 @@ def random_shards(tmp_path_factory) -> Path:
 
 
 def test_fused_loss_matches_cross_entropy_on_cuda():
-    from smollm2.model import linear_cross_entropy
+    from smollm2.loss import linear_cross_entropy
 
     torch.manual_seed(0)
     h = torch.randn(2048, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -47,10 +47,16 @@ def test_fused_loss_matches_cross_entropy_on_cuda():
     ref = torch.nn.functional.cross_entropy(logits, t)
     ref.backward()
     assert ours.item() == pytest.approx(ref.item(), rel=1e-3)
-    torch.testing.assert_close(gh.float(), h.grad.float(), atol=2e-4, rtol=5e-2)
-    torch.testing.assert_close(gw.float(), w.grad.float(), atol=2e-4, rtol=5e-2)
+    # Scale-free: dL/dh entries are ~1e-5 here, so an absolute tolerance would pass an all-zero gradient. Compare the
+    # error's norm to the gradient's own norm (bf16 rounding gives ~1e-2) and require the gradients to point the same way.
+    for ours_grad, ref_grad in ((gh, h.grad), (gw, w.grad)):
+        ours_grad, ref_grad = ours_grad.float(), ref_grad.float()
+        assert ref_grad.norm() > 0
+        assert (ours_grad - ref_grad).norm() / ref_grad.norm() < 2e-2
+        assert torch.nn.functional.cosine_similarity(ours_grad.flatten(), ref_grad.flatten(), dim=0) > 0.999
 
 
+@pytest.mark.timeout(1800)  # two training subprocesses of up to 900 s each
 @pytest.mark.parametrize("ac", ["none", "selective"])
 def test_bf16_compiled_training_on_cuda(random_shards, tmp_path, ac):
     run = tmp_path / "run"

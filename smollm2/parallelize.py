@@ -1,0 +1,96 @@
+"""Build the training model: meta device -> recompute (activation checkpointing) -> compile -> FSDP2 `fully_shard` ->
+materialize -> initialize. The model file knows none of this; here is every decision about how it runs.
+
+One code path for every world size: a single process is a one-rank group, so sharding, checkpointing and resuming never
+branch on "distributed or not".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from smollm2.config import Config, Dtype, FsdpWrap, Recompute
+from smollm2.distributed import DistEnv
+from smollm2.model import SmolLM
+
+
+def compile_enabled(setting: bool | None, device: torch.device) -> bool:
+    """train.compile: None (auto) compiles on CUDA only; on CPU compile time outweighs what it saves at our sizes."""
+    return device.type == "cuda" if setting is None else setting
+
+
+def _selective_policy():
+    """Save the matmul and attention outputs, recompute the cheap elementwise ops (norms, GELU, RoPE)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    save = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten._scaled_dot_product_flash_attention.default,
+            aten._scaled_dot_product_efficient_attention.default, aten._scaled_dot_product_cudnn_attention.default}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        save.add(aten._scaled_dot_product_flash_attention_for_cpu.default)
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def recompute_fn(mode: Recompute) -> Callable | None:
+    """How each block's math is called in training: directly, or under (full | selective) activation checkpointing."""
+    if mode == Recompute.none:
+        return None
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    if mode == Recompute.full:
+        return partial(checkpoint, use_reentrant=False)
+    return partial(checkpoint, use_reentrant=False,
+                   context_fn=partial(create_selective_checkpoint_contexts, _selective_policy()))
+
+
+def fsdp_units(setting: FsdpWrap, world_size: int) -> FsdpWrap:
+    """block | root: at world size 1 every shard is the whole tensor, so per-block units only add host-side hooks."""
+    if setting == FsdpWrap.auto:
+        return FsdpWrap.root if world_size == 1 else FsdpWrap.block
+    return FsdpWrap(setting)
+
+
+def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full (unsharded) tensor into a parameter: its local shard if it is a DTensor, all of it otherwise."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        try:  # src_data_rank=None: every rank holds the same full tensor, so split locally, no communication
+            shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        except TypeError:  # torch < 2.7
+            shard = distribute_tensor(full.to(param.device), param.device_mesh, param.placements)
+        param.to_local().copy_(shard.to_local())
+    else:
+        param.copy_(full)
+
+
+def build_model(cfg: Config, env: DistEnv, *, init_seed: int | None = None) -> SmolLM:
+    """The training model: sharded, mixed precision, recomputing and compiled as configured, weights initialized."""
+    compiled = compile_enabled(cfg.train.compile, env.device)
+    with torch.device("meta"):  # the recompute runs inside each block's forward, so a compiled block traces it
+        model = SmolLM(cfg.model, recompute=recompute_fn(cfg.train.activation_checkpointing), compiled_loss=compiled)
+    if compiled:
+        for block in model.blocks:  # per-block compile keeps parameter names (and so checkpoints) unchanged
+            block.compile()
+    if cfg.train.dtype == Dtype.bf16:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy()
+    shard = partial(fully_shard, mp_policy=mp)
+    if fsdp_units(cfg.train.fsdp_wrap, env.world_size) == FsdpWrap.block:
+        for block in model.blocks:
+            shard(block, reshard_after_forward=cfg.train.reshard_after_forward)
+    # Root unit: token embedding, final norm and the tied head must live in one FSDP group.
+    # It is all-gathered for the forward's last step anyway, so keep it unsharded until backward.
+    shard(model, reshard_after_forward=False)
+    model.materialize(env.device)
+    model.init_weights(cfg.train.seed if init_seed is None else init_seed, copy_into=copy_full_into)
+    return model
