@@ -34,11 +34,10 @@ from tqdm import tqdm
 
 from data_prep.sources import Piece, Source, resolve_source
 from smollm2.errors import DataError
-from smollm2.shards import INCOMPLETE_MARKER, MANIFEST_NAME, MANIFEST_VERSION, MAX_TOKENS, ShardWriter, read_header
+from smollm2.manifest import INCOMPLETE_MARKER, MANIFEST_NAME, MANIFEST_VERSION, read_manifest, write_manifest
+from smollm2.shards import MAX_TOKENS, ShardWriter, read_header
 from smollm2.tokenizer import EOS_ID, RANKS_SHA256, VOCAB_SIZE, get_tokenizer
 
-FORMAT_VERSION = MANIFEST_VERSION
-MANIFEST = MANIFEST_NAME
 DEFAULT_VAL_FRACTION = 0.05
 CHUNK_CHARS = 1 << 16  # text per tokenizer job: small, so the last jobs of a run do not leave cores idle
 CHUNK_PIECES = 1024
@@ -188,7 +187,7 @@ def tokenize(pieces: Iterator[Piece], workers: int) -> Iterator[tuple[np.ndarray
 def fingerprint_of(source: Source, opts: PrepOptions, split: ValSplit) -> str:
     """Everything that determines the shards: inputs (paths, sizes, mtimes or hashes), options, tokenizer, format."""
     blob = {
-        "format_version": FORMAT_VERSION,
+        "format_version": MANIFEST_VERSION,
         "tokenizer": {"name": get_tokenizer().name, "ranks_sha256": RANKS_SHA256, "eos_id": EOS_ID},
         "inputs": source.fingerprint(),
         "split": split.describe(),
@@ -197,21 +196,16 @@ def fingerprint_of(source: Source, opts: PrepOptions, split: ValSplit) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-def read_manifest(out: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((out / MANIFEST).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def is_up_to_date(out: Path, fingerprint: str) -> bool:
-    """The manifest was made from the same inputs and options, and its shards are all there with their token counts."""
-    manifest = read_manifest(out)
-    if not manifest or manifest.get("fingerprint") != fingerprint:
-        return False
+    """The manifest was made from the same inputs and options, and its shards are all there with their token counts.
+
+    A malformed manifest, or one of another format version, is simply out of date: the re-run replaces it."""
     try:
+        manifest = read_manifest(out)
+        if manifest is None or manifest.get("fingerprint") != fingerprint:
+            return False
         return all(read_header(out / shard["file"]) == shard["tokens"] for shard in manifest["shards"])
-    except (DataError, KeyError, TypeError):
+    except DataError:
         return False
 
 
@@ -219,20 +213,10 @@ def clear_previous(out: Path) -> None:
     """Before a (re-)prep: mark the directory incomplete, drop the stale manifest, then the old shards."""
     out.mkdir(parents=True, exist_ok=True)
     (out / INCOMPLETE_MARKER).write_text("a data_prep run started here and has not finished\n")
-    (out / MANIFEST).unlink(missing_ok=True)
-    for pattern in ("train_*.bin", "val_*.bin", "train_*.bin.tmp", "val_*.bin.tmp", MANIFEST + ".tmp"):
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    for pattern in ("train_*.bin", "val_*.bin", "train_*.bin.tmp", "val_*.bin.tmp", MANIFEST_NAME + ".tmp"):
         for path in out.glob(pattern):
             path.unlink()
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def check_options(opts: PrepOptions) -> None:
@@ -294,7 +278,7 @@ def prepare(opts: PrepOptions) -> PrepResult:
             )
         seconds = time.perf_counter() - start
         manifest = {
-            "format_version": FORMAT_VERSION,
+            "format_version": MANIFEST_VERSION,
             "tokenizer": {"name": get_tokenizer().name, "vocab_size": VOCAB_SIZE, "eos_id": EOS_ID,
                           "ranks_sha256": RANKS_SHA256},
             "document_separator": "each document is followed by EOS",
@@ -309,7 +293,7 @@ def prepare(opts: PrepOptions) -> PrepResult:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(seconds, 3),
         }
-        write_json_atomic(out / MANIFEST, manifest)  # last: from here on the dataset is complete
+        write_manifest(out, manifest)  # last, atomically: from here on the dataset is complete
     except BaseException:
         for writer in writers.values():
             writer.abort()
@@ -322,7 +306,7 @@ def prepare(opts: PrepOptions) -> PrepResult:
 def summary(result: PrepResult) -> str:
     m = result.manifest
     if result.skipped:
-        return (f"{result.out} is up to date (same inputs and options as its {MANIFEST}): nothing to do "
+        return (f"{result.out} is up to date (same inputs and options as its {MANIFEST_NAME}): nothing to do "
                 "(--force rebuilds)")
     tokens, docs = m["tokens"], m["documents"]
     shards = {s: sum(1 for shard in m["shards"] if shard["split"] == s) for s in ("train", "val")}

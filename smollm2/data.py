@@ -25,14 +25,8 @@ import numpy as np
 import torch
 
 from smollm2.errors import DataError
-from smollm2.shards import (
-    INCOMPLETE_MARKER,
-    MANIFEST_NAME,
-    MANIFEST_VERSION,
-    open_shard,
-    read_header,
-    validate_shard,
-)
+from smollm2.manifest import INCOMPLETE_MARKER, MANIFEST_NAME, read_manifest
+from smollm2.shards import open_shard, read_header, validate_shard
 
 PREP_HINT = "run `make prep` (python -m data_prep --source shakespeare), or set data.path to a prepared directory"
 
@@ -88,29 +82,23 @@ class Dataset:
         path = Path(path)
         if not path.is_dir():
             raise DataError(f"no prepared dataset at {path}: {PREP_HINT}")
-        manifest_path = path / MANIFEST_NAME
-        if manifest_path.is_file():
-            return cls._open_manifest(path, manifest_path, vocab_size)
+        manifest = read_manifest(path)  # None if absent; DataError if malformed or of another version
+        if manifest is not None:
+            return cls._open_manifest(path, manifest, vocab_size)
         if (path / INCOMPLETE_MARKER).exists():
             raise DataError(f"the data prep into {path} did not finish (interrupted?): re-run it; {PREP_HINT}")
         train_paths, val_paths = sorted(path.glob("*train*.bin")), sorted(path.glob("*val*.bin"))
         if not train_paths:
-            raise DataError(f"{path} holds no manifest.json and no *train*.bin shards: {PREP_HINT}")
+            raise DataError(f"{path} holds no {MANIFEST_NAME} and no *train*.bin shards: {PREP_HINT}")
         listing = [(p.name, read_header(p)) for p in train_paths]  # header checks; the ids are not scanned
         fingerprint = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
         return cls(path, TokenStream(train_paths), TokenStream(val_paths), None, fingerprint)
 
     @classmethod
-    def _open_manifest(cls, path: Path, manifest_path: Path, vocab_size: int) -> Dataset:
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            version = manifest["format_version"]
-            data_vocab = manifest["tokenizer"]["vocab_size"]
-            shards = manifest["shards"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise DataError(f"{manifest_path} is not a valid manifest ({err}): {PREP_HINT}") from None
-        if version != MANIFEST_VERSION:
-            raise DataError(f"{manifest_path}: format version {version}, expected {MANIFEST_VERSION}; {PREP_HINT}")
+    def _open_manifest(cls, path: Path, manifest: dict[str, Any], vocab_size: int) -> Dataset:
+        """A directory with a (schema-checked) manifest: every listed shard must be there with its token count."""
+        manifest_path = path / MANIFEST_NAME
+        data_vocab, shards = manifest["tokenizer"]["vocab_size"], manifest["shards"]
         if data_vocab > vocab_size:
             raise DataError(f"{path} was tokenized with a {data_vocab}-token vocab, the model has {vocab_size}")
         split_paths: dict[str, list[Path]] = {"train": [], "val": []}
@@ -162,6 +150,7 @@ class TrainLoader:
         self._orders: dict[int, np.ndarray] = {}
         self._orders_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None  # what the prefetch thread raised, re-raised by every next_step()
         self._start_prefetch()
 
     # ------------------------------------------------------------------------------------------ the global order
@@ -191,10 +180,6 @@ class TrainLoader:
     def _rank_windows_from(self, step_start: int) -> np.ndarray:
         return self.stream_windows(step_start + self.rank * self.rank_windows_per_step, self.rank_windows_per_step)
 
-    def step_windows(self, step: int) -> np.ndarray:
-        """The window ids this rank takes at global step `step` of a run at this world size that began at step 0."""
-        return self._rank_windows_from(step * self.windows_per_step)
-
     # ------------------------------------------------------------------------------------------ batches
 
     def _build_step(self, step_start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -218,9 +203,7 @@ class TrainLoader:
         if self._thread is None:
             batches = self._build_step(self.consumed_windows)
         else:
-            step_start, batches = self._queue.get()
-            if isinstance(batches, BaseException):
-                raise batches
+            step_start, batches = self._take_prefetched()
             assert step_start == self.consumed_windows, (step_start, self.consumed_windows)
         self.consumed_windows += self.windows_per_step
         non_blocking = self.device.type == "cuda"
@@ -232,11 +215,32 @@ class TrainLoader:
     def _start_prefetch(self) -> None:
         if self.prefetch == 0:
             return
+        self._failure = None
         self._queue: queue.Queue = queue.Queue(maxsize=self.prefetch)
         self._stop = threading.Event()
         args = (self.consumed_windows, self._stop, self._queue)
         self._thread = threading.Thread(target=self._prefetch_loop, args=args, name="loader-prefetch", daemon=True)
         self._thread.start()
+
+    def _take_prefetched(self) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The next step from the prefetch thread. Raises what the thread raised (in this, the caller's, thread), then
+        again on every later call; never waits on a thread that has exited."""
+        if self._failure is not None:
+            raise self._failure
+        assert self._thread is not None
+        while True:
+            try:
+                step_start, batches = self._queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                # liveness first: a thread that has exited has queued all it ever will, so its last item is not missed
+                if not self._thread.is_alive() and self._queue.empty():
+                    self._failure = RuntimeError("the loader's prefetch thread exited without a result")
+                    raise self._failure from None
+        if isinstance(batches, BaseException):
+            self._failure = batches
+            raise batches
+        return step_start, batches
 
     def _prefetch_loop(self, step_start: int, stop: threading.Event, out: queue.Queue) -> None:
         """Build steps in stream order from step_start; next_step() takes them in the same order."""

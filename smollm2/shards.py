@@ -11,13 +11,13 @@ complete or not at all.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 
 from smollm2.errors import DataError
+from smollm2.files import sha256_file
 
 MAGIC = 20240520
 VERSION = 1
@@ -25,11 +25,6 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
 MAX_TOKENS = 2**31 - 1  # the count is an int32
-# A prepared dataset directory: train_*.bin, val_*.bin and this manifest (written last, by data_prep).
-MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
-# Present while data_prep is (re)writing a directory; a directory holding it and no manifest is not a dataset.
-INCOMPLETE_MARKER = ".prep-incomplete"
 _CHECK_BLOCK = 1 << 24  # tokens scanned per step by a checked read (32 MB)
 
 
@@ -92,20 +87,12 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str) -> None:
             )
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def validate_shard(path: str | Path, vocab_size: int, sha256: str | None = None, num_tokens: int | None = None) -> None:
     """The full check: header, size, every token id, and (if given) the expected count and sha256."""
     tokens = open_shard(path, vocab_size)
     if num_tokens is not None and len(tokens) != num_tokens:
         raise DataError(f"shard {path}: holds {len(tokens):,} tokens, the manifest says {num_tokens:,}")
-    if sha256 is not None and (actual := file_sha256(path)) != sha256:
+    if sha256 is not None and (actual := sha256_file(path)) != sha256:
         raise DataError(f"shard {path}: sha256 {actual} does not match the manifest's {sha256}: the file changed")
 
 
@@ -142,7 +129,7 @@ class ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        sha256 = file_sha256(self.tmp_path)
+        sha256 = sha256_file(self.tmp_path)
         os.replace(self.tmp_path, self.path)
         return self.num_tokens, sha256
 

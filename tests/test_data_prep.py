@@ -16,7 +16,8 @@ from data_prep.prep import PrepOptions, ValSplit, prepare
 from data_prep.sources import cache_dir, default_name, find_cut, text_pieces
 from smollm2.data import Dataset
 from smollm2.errors import DataError
-from smollm2.shards import INCOMPLETE_MARKER, open_shard
+from smollm2.manifest import INCOMPLETE_MARKER
+from smollm2.shards import open_shard
 from smollm2.tokenizer import EOS_ID, get_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,6 +196,17 @@ def test_rerun_with_the_same_inputs_is_a_noop_that_says_so(tmp_path):
     assert run(tmp_path, tmp_path / "c.jsonl", seed=99).skipped is True
     (out / "train_000000.bin").unlink()  # a listed shard went missing: rebuilt
     assert run(tmp_path, tmp_path / "c.jsonl", seed=99).skipped is False
+
+
+def test_rerun_replaces_a_malformed_or_old_manifest_as_its_error_says(tmp_path):
+    write_jsonl(tmp_path / "c.jsonl", DOCS)
+    out = run(tmp_path, tmp_path / "c.jsonl").out
+    for text in ('{"format_version": 1, "trunc', json.dumps({"format_version": 0})):
+        (out / "manifest.json").write_text(text)
+        with pytest.raises(DataError, match=r"rerun `python -m data_prep"):
+            Dataset.open(out)
+        assert run(tmp_path, tmp_path / "c.jsonl").skipped is False
+        assert Dataset.open(out).manifest["format_version"] == 1
 
 
 # ---------------------------------------------------------------------------------------------------- bad input

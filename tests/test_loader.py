@@ -1,6 +1,8 @@
 """The loader: one global window order, disjoint per-rank slices, exact resume at another world size."""
 
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -8,7 +10,8 @@ import torch
 
 from smollm2.data import Dataset, TrainLoader, ValWindows
 from smollm2.errors import DataError
-from smollm2.shards import INCOMPLETE_MARKER, write_shard
+from smollm2.manifest import INCOMPLETE_MARKER
+from smollm2.shards import write_shard
 
 SEQ_LEN = 8
 TRAIN_SIZES = (1000, 1201)  # two shards: windows span the boundary
@@ -61,18 +64,15 @@ def test_ranks_are_disjoint_and_an_epoch_covers_every_window_once(dataset, world
     steps = -(-N_WINDOWS // per_step) + 1  # past one epoch
     stream = []
     for step in range(steps):
-        taken = [ranks[r].step_windows(step) for r in range(world_size)]
-        assert len(set(np.concatenate(taken).tolist())) == per_step or step * per_step + per_step > N_WINDOWS
-        stream.extend(np.concatenate(taken).tolist())
+        taken = [w for r in range(world_size) for w in window_ids(ranks[r].next_step())]  # also checks the tokens
+        assert len(set(taken)) == per_step or step * per_step + per_step > N_WINDOWS
+        stream.extend(taken)
     assert sorted(stream[:N_WINDOWS]) == list(range(N_WINDOWS))  # the first epoch: each window exactly once
     assert sorted(stream[N_WINDOWS : 2 * N_WINDOWS]) == sorted(set(stream[N_WINDOWS : 2 * N_WINDOWS]))
     # the global order is the same at any world size, and depends on the seed
     single = loader(dataset, 1, 1, seed=11)
     np.testing.assert_array_equal(stream, single.stream_windows(0, len(stream)))
     assert not np.array_equal(stream[:N_WINDOWS], loader(dataset, 1, 1, seed=12).stream_windows(0, N_WINDOWS))
-    # and next_step returns exactly those windows' tokens
-    for r in range(world_size):
-        assert window_ids(ranks[r].next_step()) == ranks[r].step_windows(0).tolist()
 
 
 def test_epochs_reshuffle_deterministically(dataset):
@@ -122,6 +122,30 @@ def test_prefetch_is_deterministic_and_reset_by_load_state_dict(dataset):
     ahead.load_state_dict({**ahead.state_dict(), "consumed_windows": 6})  # back to step 1; the queue held steps 4..
     assert window_ids(ahead.next_step()) == window_ids(first[1])
     ahead.close()
+
+
+@pytest.mark.timeout(60)  # the backstop deadline, should next_step() or close() hang (the thread method dumps stacks)
+def test_an_exception_in_the_prefetch_thread_reaches_the_caller(dataset, monkeypatch):
+    read, readers = dataset.train.read, []
+
+    def read_then_fail(start, length):
+        readers.append(threading.current_thread().name)
+        if len(readers) > 2:
+            raise DataError("shard read failed: disk gone")
+        return read(start, length)
+
+    monkeypatch.setattr(dataset.train, "read", read_then_fail)
+    start = time.monotonic()
+    ld = loader(dataset, 1, 2, prefetch=2)  # two reads a step: step 0 is built whole, step 1 fails
+    assert len(window_ids(ld.next_step())) == 2
+    with pytest.raises(DataError, match="disk gone"):
+        ld.next_step()
+    with pytest.raises(DataError, match="disk gone"):  # raised again, not a wait on a thread that has exited
+        ld.next_step()
+    assert set(readers) == {"loader-prefetch"}  # the reads, and the failure, happened in the background thread
+    assert ld.consumed_windows == 2  # the failed step was not counted
+    ld.close()
+    assert time.monotonic() - start < 10, "next_step() / close() took too long"
 
 
 def test_state_must_match_the_run(dataset, dataset_dir):
