@@ -1,4 +1,4 @@
-"""`python -m data_prep.bench` (make bench-prep): data-prep throughput against raw tiktoken, same text, same cores.
+"""`python -m bench.prep` (make bench-prep): data-prep throughput against raw tiktoken, same text, same cores.
 
 raw : `encode_ordinary_batch(texts, num_threads=workers)` on the corpus already in memory (no reading, no writing)
 prep: the whole `python -m data_prep` pipeline into a scratch directory (read the source, tokenize, write shards, hash,
@@ -19,7 +19,7 @@ from smollm2.tokenizer import get_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_prep.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.prep", description=__doc__.split("\n\n")[0])
     p.add_argument("--source", default="shakespeare")
     p.add_argument("--workers", type=int, default=PrepOptions().workers)
     p.add_argument("--repeats", type=int, default=5)

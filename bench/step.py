@@ -1,9 +1,10 @@
 """Training-step benchmark: our step (FSDP2, mixed precision, activation checkpointing, compile: `smollm2.step.train_step`
-on `build_model`) against a deliberately plain nanoGPT-style reference (`bench/reference.py`), in one process.
+on `build_model`) against a deliberately plain nanoGPT-style reference (`bench/reference.py`), in one process. From the
+repository root:
 
-    python -m smollm2.bench                                  # CUDA: seed model, the target rows first; CPU: tiny config
-    python -m smollm2.bench --config configs/tiny.yaml --cases B=4,T=64,ac=none --json out.json
-    python -m smollm2.bench --cases B=8,T=2048,ac=none,sdpa=cudnn B=8,T=2048,ac=none,sdpa=flash --no-reference
+    python -m bench.step                                     # CUDA: seed model, the target rows first; CPU: tiny config
+    python -m bench.step --config configs/tiny.yaml --cases B=4,T=64,ac=none --json out.json
+    python -m bench.step --cases B=8,T=2048,ac=none,sdpa=cudnn B=8,T=2048,ac=none,sdpa=flash --no-reference
 
 A case is `key=value` pairs joined by commas: B (micro-batch), T (seq_len), accum (grad accumulation, default 1),
 ac (none|full|selective), compile (true|false|whole), sdpa (default|flash|cudnn|efficient|math), reshard (true|false),
@@ -11,8 +12,8 @@ wrap (auto|block|root: train.fsdp_wrap),
 ref (1: also time the reference on this (B, T, accum, compile), default for ac=none rows). Random tokens, no dataset.
 Timing: median of the timed steps after warm-up (CUDA events on GPUs, wall clock on CPU); MFU against the bf16 (or fp32)
 matmul peak measured in the same process; FLOPs per token 6N + 12*L*H*Q*T. Rows print as they finish; a table, the
-targets (PASS/FAIL) and JSON (`--json`, or `$OUT/bench.json` when $OUT is set) at the end. `--budget-s` skips the cases
-that would start after that many seconds, so a time-boxed GPU call still prints its table.
+targets (PASS/FAIL against `TARGETS` below) and JSON (`--json`, or `$OUT/bench.json` when $OUT is set) at the end.
+`--budget-s` skips the cases that would start after that many seconds, so a time-boxed GPU run still prints its table.
 """
 
 from __future__ import annotations
@@ -31,15 +32,32 @@ from pathlib import Path
 
 import torch
 
+from bench.reference import GPTConfig, ReferenceTrainer
 from smollm2.config import Config, load_config
-from smollm2.distributed import DistEnv, build_model, init_distributed, shutdown
-from smollm2.metrics import PEAK_TFLOPS, flops_per_token
+from smollm2.distributed import DistEnv, init_distributed, shutdown
+from smollm2.metrics import PEAK_TFLOPS, flops_per_token, peak_memory_gib
+from smollm2.model import SmolLM, padded_vocab_size
 from smollm2.optim import build_optimizer
+from smollm2.parallelize import build_model
 from smollm2.step import train_step
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # bench/ lives beside the package, not inside it
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # presets are found from here too when run from another directory
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What PASS means (`evaluate_targets`). Ratios are tok/s over tok/s; MFU is against the matmul peak measured in the
+    same process; the GPU targets are read on the B x T no-AC, full-AC and selective-AC rows of the default sweep."""
+
+    cpu_min_ratio: float = 0.90  # CPU (tiny config, 1 process): ours vs the reference; FSDP2 at world size 1 costs a little
+    gpu_batch: tuple[int, int] = (8, 2048)  # (B, T) of the GPU target rows
+    gpu_min_ratio: float = 1.10  # no AC: ours vs the compiled reference
+    gpu_min_mfu: float = 0.60  # no AC
+    gpu_max_mem_gib: float = 12.0  # no AC, peak allocated
+    full_ac_min_ratio: float = 0.75  # full AC vs no AC: the recompute may cost at most a quarter of the throughput
+
+
+TARGETS = Targets()
 
 GPU_CASES = [  # the targets' rows first; later rows are levers, skipped when --budget-s runs out
     "B=8,T=2048,ac=none,ref=1", "B=8,T=2048,ac=full", "B=8,T=2048,ac=selective",
@@ -138,14 +156,6 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 / (best / 1000) / 1e12
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource  # CPU: the process's peak RSS so far (grows monotonically across cases)
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def reset_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -184,8 +194,9 @@ def random_batches(case: Case, vocab: int, device: torch.device, seed: int) -> l
 
 
 def case_config(cfg: Config, case: Case) -> Config:
-    train = replace(cfg.train, activation_checkpointing=case.ac, grad_accum=case.accum,
-                    compile="false" if case.compile == "whole" else case.compile,
+    # train.compile: None = auto (on for CUDA); "whole" compiles the model from outside build_model, so not per block
+    compile_setting = {"auto": None, "true": True, "false": False, "whole": False}[case.compile]
+    train = replace(cfg.train, activation_checkpointing=case.ac, grad_accum=case.accum, compile=compile_setting,
                     reshard_after_forward=cfg.train.reshard_after_forward if case.reshard is None else case.reshard,
                     fsdp_wrap=cfg.train.fsdp_wrap if case.wrap is None else case.wrap)
     return replace(cfg, train=train, data=replace(cfg.data, micro_batch=case.micro_batch, seq_len=case.seq_len))
@@ -215,14 +226,12 @@ class Ours:
 
 class Reference:
     def __init__(self, cfg: Config, case: Case, device: torch.device):
-        from bench.reference import GPTConfig, ReferenceTrainer
-
         m, o = cfg.model, cfg.optim
-        self.padded = -(-m.vocab_size // m.pad_vocab_multiple) * m.pad_vocab_multiple
+        self.padded = padded_vocab_size(m)
         config = GPTConfig(vocab_size=m.vocab_size, padded_vocab=self.padded, n_layer=m.n_layer, n_head=m.n_head,
                            n_embd=m.d_model, n_mlp=m.d_mlp, block_size=max(m.max_seq_len, case.seq_len),
                            rope_theta=m.rope_theta, norm_eps=m.norm_eps)
-        self.trainer = ReferenceTrainer(config, device, dtype=cfg.train.dtype, compile=compile_on(case, device),
+        self.trainer = ReferenceTrainer(config, device, dtype=str(cfg.train.dtype), compile=compile_on(case, device),
                                         lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps,
                                         grad_clip=o.grad_clip)
         self.batches = random_batches(case, m.vocab_size, device, seed=0)
@@ -247,7 +256,7 @@ def make_row(impl: str, case: Case, cfg: Config, env: DistEnv, times: list[float
             "compile": case.compile if impl == "smollm2" else str(compile_on(case, env.device)).lower(),
             "sdpa": case.sdpa if impl == "smollm2" else "default", "reshard_after_forward": case.reshard,
             "fsdp_wrap": case.wrap if impl == "smollm2" else None,
-            "dtype": cfg.train.dtype, "world_size": world, "step_ms": step_ms, "step_ms_min": min(times),
+            "dtype": str(cfg.train.dtype), "world_size": world, "step_ms": step_ms, "step_ms_min": min(times),
             "step_ms_max": max(times), "timed_steps": len(times), "tok_per_s": tok_per_s, "tflops": tflops,
             "mfu": tflops / (peak * world) if peak else None, "peak_mem_gib": memory, "setup_and_warmup_s": setup_s,
             "ratio_to_reference": None}
@@ -287,8 +296,6 @@ def run_case(case: Case, cfg: Config, env: DistEnv, args, peak: float, reference
                 ours_times += time_steps(ours.step, device, 1, args.steps)
         n_params = ours.n_params if ours is not None else None
         if n_params is None:
-            from smollm2.model import SmolLM
-
             with torch.device("meta"):
                 n_params = SmolLM(cfg.model).num_params()
         rows.append(make_row("smollm2", case, cfg, env, ours_times, n_params, peak, ours_memory, ours_setup))
@@ -314,36 +321,40 @@ def _find(rows: list[dict], **match) -> dict | None:
     return None
 
 
-def evaluate_targets(rows: list[dict], device: torch.device) -> list[dict]:
-    """The issue's targets, each PASS / FAIL / n/a (a row it needs is missing)."""
+def evaluate_targets(rows: list[dict], device: torch.device, targets: Targets = TARGETS) -> list[dict]:
+    """Each target PASS / FAIL / n/a (a row it needs is missing)."""
     def line(name, ok, value):
         return {"target": name, "status": "n/a" if ok is None else ("PASS" if ok else "FAIL"), "value": value}
 
+    t = targets
     ours = [r for r in rows if r["impl"] == "smollm2" and r["sdpa"] == "default" and r["reshard_after_forward"] is None
             and r.get("fsdp_wrap") is None and r["accum"] == 1 and r.get("error") is None]
     if device.type != "cuda":
         base = _find(ours, activation_checkpointing="none", compile="auto")
         ratio = base and base["ratio_to_reference"]
-        return [line("CPU: smollm2 tok/s >= 0.90x reference (1 process)", None if ratio is None else ratio >= 0.90,
-                     ratio)]
-    compiled = {"compile": "auto", "micro_batch": 8, "seq_len": 2048}
+        return [line(f"CPU: smollm2 tok/s >= {t.cpu_min_ratio:.2f}x reference (1 process)",
+                     None if ratio is None else ratio >= t.cpu_min_ratio, ratio)]
+    B, T = t.gpu_batch
+    compiled = {"compile": "auto", "micro_batch": B, "seq_len": T}
     none = _find(ours, activation_checkpointing="none", **compiled)
     full = _find(ours, activation_checkpointing="full", **compiled)
     selective = _find(ours, activation_checkpointing="selective", **compiled)
     ratio = none and none["ratio_to_reference"]
-    out = [line("B=8 T=2048 no AC: tok/s >= 1.10x reference", None if ratio is None else ratio >= 1.10, ratio),
-           line("B=8 T=2048 no AC: MFU >= 0.60 (measured peak)", None if none is None else none["mfu"] >= 0.60,
-                none and none["mfu"]),
-           line("B=8 T=2048 no AC: peak memory <= 12 GiB", None if none is None else none["peak_mem_gib"] <= 12.0,
-                none and none["peak_mem_gib"])]
+    out = [line(f"B={B} T={T} no AC: tok/s >= {t.gpu_min_ratio:.2f}x reference",
+                None if ratio is None else ratio >= t.gpu_min_ratio, ratio),
+           line(f"B={B} T={T} no AC: MFU >= {t.gpu_min_mfu:.2f} (measured peak)",
+                None if none is None else none["mfu"] >= t.gpu_min_mfu, none and none["mfu"]),
+           line(f"B={B} T={T} no AC: peak memory <= {t.gpu_max_mem_gib:g} GiB",
+                None if none is None else none["peak_mem_gib"] <= t.gpu_max_mem_gib, none and none["peak_mem_gib"])]
     full_ratio = full["tok_per_s"] / none["tok_per_s"] if full and none else None
-    out.append(line("full AC: tok/s >= 0.75x no AC", None if full_ratio is None else full_ratio >= 0.75, full_ratio))
+    out.append(line(f"full AC: tok/s >= {t.full_ac_min_ratio:.2f}x no AC",
+                    None if full_ratio is None else full_ratio >= t.full_ac_min_ratio, full_ratio))
     sel_ratio = selective["tok_per_s"] / none["tok_per_s"] if selective and none else None
-    between = None if not (selective and full and none) else (
+    between = None if not (selective and full and none) else (  # 1-2% slack: run-to-run noise, not a target
         full["tok_per_s"] <= selective["tok_per_s"] <= none["tok_per_s"] * 1.01
         and full["peak_mem_gib"] <= selective["peak_mem_gib"] * 1.01 <= none["peak_mem_gib"] * 1.02)
     out.append(line("selective AC: between full and none (tok/s and memory)", between, sel_ratio))
-    ref = _find(rows, impl="reference", **{"micro_batch": 8, "seq_len": 2048, "compile": "true"})
+    ref = _find(rows, impl="reference", **{"micro_batch": B, "seq_len": T, "compile": "true"})
     out.append(line("info: reference MFU (nanoGPT on H200: 0.545)", None, ref and ref["mfu"]))
     return out
 
@@ -383,7 +394,7 @@ def environment(device: torch.device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m smollm2.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="preset (default: configs/smollm2_135.yaml on CUDA, configs/tiny.yaml on CPU)")
     parser.add_argument("--cases", nargs="+", help="case specs, e.g. B=8,T=2048,ac=none,ref=1 (default: a preset sweep)")
     parser.add_argument("--warmup", type=int, help="untimed steps per case (default: 8 on CUDA, 3 on CPU)")
