@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Environment for training runs; sourced by launch/train.sh and launch/slurm.sbatch.
 # Helpful and free:
 export CUDA_DEVICE_MAX_CONNECTIONS=1     # lets FSDP's communication kernels overlap compute in issue order

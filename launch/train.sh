@@ -18,8 +18,10 @@ if [ -z "${NPROC:-}" ]; then
 fi
 P1=${PHASE1_STEPS:-5000}
 P2=${PHASE2_STEPS:-5050}
-run_dir=$($PYTHON -c "import sys; from smollm2.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).train.run_dir)" "$config" "$@")
+# The run dir the trainer will use (config + overrides); a bad config stops here with its one-line error (exit 2).
+run_dir=$($PYTHON -m smollm2.checkpoint run-dir "$config" "$@")
 launcher=(torchrun --standalone --nproc_per_node="$NPROC")
+# shellcheck disable=SC2206  # unquoted on purpose, as everywhere here: PYTHON may carry flags ("python -X dev")
 [ "$NPROC" = "1" ] && launcher=($PYTHON)
 
 phase() {  # phase NAME STEPS [extra args...]

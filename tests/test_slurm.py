@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from smollm2.checkpoint import list_checkpoints
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +27,7 @@ def cluster_up() -> bool:
 
 
 def job_state(job: str) -> str:
-    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
     match = re.search(r"JobState=(\w+)", out)
     return match.group(1) if match else "GONE"
 
@@ -40,14 +42,14 @@ def test_sbatch_phases_with_preemption_and_requeue(shakespeare_data, tmp_path):
          "--cpus-per-task=1", f"--output={log}", "--job-name=smollm2-test", "launch/slurm.sbatch", "configs/tiny.yaml",
          f"data.path={shakespeare_data}", f"train.run_dir={run}", "data.seq_len=32", "eval.interval=0",
          "sample.interval=0", "logging.interval=2", "checkpoint.interval=0"],
-        cwd=ROOT, capture_output=True, text=True, check=True)
+        cwd=ROOT, capture_output=True, text=True, check=True, timeout=60)
     job = submit.stdout.strip().split(";")[0]
     try:
         deadline = time.time() + 300
         while time.time() < deadline and not (run / "metrics.jsonl").exists():
             time.sleep(0.5)
         assert (run / "metrics.jsonl").exists(), log.read_text() if log.exists() else "no job output"
-        subprocess.run(["scancel", "--signal=USR1", job], check=True)  # what --signal=USR1@120 sends before the limit
+        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)  # what --signal=USR1@120 sends before the limit
         while time.time() < deadline and "requeueing" not in (log.read_text() if log.exists() else ""):
             time.sleep(0.5)
         # A requeued job may start again once its old credential has expired (cred_expire=10 s in local_cluster.sh,
@@ -56,24 +58,24 @@ def test_sbatch_phases_with_preemption_and_requeue(shakespeare_data, tmp_path):
         requeued = time.time()
         while time.time() < deadline and "restart 1" not in log.read_text():
             if time.time() - requeued > 30 and job_state(job) == "PENDING":
-                subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True)
+                subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True, timeout=30)
             time.sleep(1)
         while time.time() < deadline and job_state(job) not in ("COMPLETED", "FAILED", "CANCELLED", "GONE"):
             time.sleep(1)
         output = log.read_text()
         state = job_state(job)
         if state not in ("COMPLETED", "GONE"):
-            details = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+            details = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
             ctld = Path("/var/log/slurm/slurmctld.log")
             ctld_tail = "\n".join(ctld.read_text(errors="replace").splitlines()[-20:]) if ctld.exists() else ""
             pytest.fail(f"job {job} ended {state}\n--- job output ---\n{output[-3000:]}\n--- scontrol ---\n{details}"
                         f"\n--- slurmctld.log ---\n{ctld_tail}")
     finally:
-        subprocess.run(["scancel", job], capture_output=True)
+        subprocess.run(["scancel", job], capture_output=True, timeout=30)
     assert "stop requested (signal): checkpointing at step" in output
     assert "stopped early" in output and "requeueing" in output
     stopped = int(re.search(r"checkpointing at step (\d+)", output).group(1))
     assert 2 <= stopped < 20
     assert "(restart 1)" in output and f"resumed from {run}/checkpoints/step-{stopped:06d} at step {stopped}" in output
     assert "=== both phases verified ===" in output
-    assert sorted(p.name for p in (run / "checkpoints").glob("step-*"))[-2:] == ["step-000020", "step-000022"]
+    assert [step for step, _ in list_checkpoints(run / "checkpoints")][-2:] == [20, 22]  # both complete

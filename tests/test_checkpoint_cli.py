@@ -1,0 +1,85 @@
+"""`python -m smollm2.checkpoint run-dir / latest-step`: what launch/*.sh ask instead of parsing configs and step names."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smollm2.checkpoint import COMPLETE, checkpoint_step, step_dir_name
+from smollm2.config import load_config
+from smollm2.errors import CheckpointError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "SMOLLM2_TRACEBACK"}  # errors as users see them: one line
+    return subprocess.run([sys.executable, "-m", "smollm2.checkpoint", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert all(fragment in lines[0] for fragment in fragments), lines[0]
+    assert proc.stdout == ""
+
+
+def fake_checkpoint(ckpt_root: Path, name: str, complete: bool = True) -> Path:
+    """A directory with what `is_complete` looks for (or without its COMPLETE marker: a save that was cut short)."""
+    path = ckpt_root / name
+    path.mkdir(parents=True)
+    (path / ".metadata").write_bytes(b"")
+    (path / "meta.json").write_text("{}")
+    if complete:
+        (path / COMPLETE).write_text("\n")
+    return path
+
+
+def test_run_dir_prints_the_resolved_run_dir(tmp_path):
+    default = cli("run-dir", "configs/tiny.yaml")
+    assert default.returncode == 0, default.stderr
+    assert default.stdout == load_config("configs/tiny.yaml").train.run_dir + "\n"
+
+    overridden = cli("run-dir", "configs/tiny.yaml", "train.max_steps=7", f"train.run_dir={tmp_path / 'mine'}")
+    assert overridden.returncode == 0, overridden.stderr
+    assert overridden.stdout == f"{tmp_path / 'mine'}\n"
+
+
+def test_run_dir_rejects_a_bad_key_or_file_in_one_line():
+    assert_one_line_error(cli("run-dir", "configs/tiny.yaml", "train.no_such_key=1"), "train.no_such_key")
+    assert_one_line_error(cli("run-dir", "configs/no_such_config.yaml"), "config file not found")
+
+
+def test_latest_step_is_the_newest_complete_checkpoint(tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    fake_checkpoint(ckpts, step_dir_name(10))
+    fake_checkpoint(ckpts, step_dir_name(200))
+    fake_checkpoint(ckpts, f".tmp-{step_dir_name(300)}", complete=False)  # killed before its rename
+    fake_checkpoint(ckpts, step_dir_name(400), complete=False)  # a step name without its marker
+    (ckpts / "latest").symlink_to(step_dir_name(10))  # a stale link: the scan decides, not the link
+    proc = cli("latest-step", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "200\n"
+
+
+def test_latest_step_without_a_checkpoint_exits_2(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(cli("latest-step", tmp_path / "empty"), "no complete checkpoint")
+    fake_checkpoint(tmp_path / "partial" / "checkpoints", f".tmp-{step_dir_name(5)}", complete=False)
+    assert_one_line_error(cli("latest-step", tmp_path / "partial"), "no complete checkpoint")
+
+
+def test_checkpoint_step(tmp_path):
+    ckpt = fake_checkpoint(tmp_path, step_dir_name(1234))
+    assert checkpoint_step(ckpt) == 1234
+    assert checkpoint_step(str(ckpt)) == 1234
+    assert checkpoint_step(tmp_path / "step-1000000") == 1_000_000  # more than six digits
+    (tmp_path / "latest").symlink_to(ckpt.name)
+    assert checkpoint_step(tmp_path / "latest") == 1234
+    for bad in (tmp_path / f".tmp-{step_dir_name(5)}", tmp_path / "step-12", tmp_path):
+        with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+            checkpoint_step(bad)
