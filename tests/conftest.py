@@ -26,5 +26,5 @@ def shakespeare_data(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("data") / "shakespeare"
     subprocess.run([sys.executable, "-m", "data_prep", "--source", "shakespeare", "--out", str(out)],
-                   cwd=ROOT, check=True, capture_output=True, text=True)
+                   cwd=ROOT, check=True, capture_output=True, text=True, timeout=600)
     return out

@@ -35,7 +35,7 @@ def test_parameter_table_cli(root, python):
     import subprocess
 
     out = subprocess.run([python, "-m", "smollm2.model", "--config", "configs/smollm2_135.yaml"], cwd=root,
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True, timeout=120).stdout
     assert "123,654,144" in out and "38,598,144" in out and "7,087,872" in out and "123,689,472" in out
 
 

@@ -59,8 +59,9 @@ def test_offline_run_is_continued_on_resume(shakespeare_data, tmp_path):
             f"train.run_dir={run}", "data.seq_len=32", "data.micro_batch=2", "logging.interval=2", "eval.interval=4",
             "sample.interval=0", "checkpoint.interval=4", "logging.wandb.mode=offline", "logging.wandb.project=test"]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HOME": str(tmp_path)}
-    subprocess.run([*base, "train.max_steps=4"], cwd=ROOT, env=env, check=True, capture_output=True)
-    subprocess.run([*base, "train.max_steps=6", "--resume", "latest"], cwd=ROOT, env=env, check=True, capture_output=True)
+    subprocess.run([*base, "train.max_steps=4"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run([*base, "train.max_steps=6", "--resume", "latest"], cwd=ROOT, env=env, check=True, capture_output=True,
+                   timeout=300)
 
     run_id = json.loads((run / "checkpoints/step-000006/train_state.json").read_text())["logger_run_id"]
     assert run_id and json.loads((run / "checkpoints/step-000004/train_state.json").read_text())["logger_run_id"] == run_id
