@@ -4,13 +4,25 @@ A checkpoint is a directory `<run_dir>/checkpoints/step-000500/`:
 
     .metadata, __*_*.distcp    model + optimizer, sharded: every rank writes its part (DCP reshards on load)
     train_state.json           step, tokens seen, logger run id, loader state, LR-schedule settings
-    rng/rank-00000.pt          each rank's RNG states (CPU, CUDA, numpy, python)
-    meta.json                  step, world size, model config, resolved config, versions, time, and the size +
-                               sha256 of each file above it (checked on load: DCP itself has no checksums)
+    rng/rank-00000.pt          each rank's RNG states (CPU, CUDA, numpy, python) as plain tensors, lists and numbers
+    config.yaml                the resolved config
+    meta.json                  step, world size, model config, resolved config, versions, time, `final` (the run's
+                               last checkpoint), `rng_format`, and the size + sha256 of each data file above
+                               (checked on load: DCP itself has no checksums)
     COMPLETE                   written last
 
-It is written as `.tmp-step-000500/` and renamed only after every rank has finished, so a crash mid-save never leaves
-anything that looks complete; `latest` (a symlink, and `find_latest`, which scans) means the newest complete one.
+It is written as `.tmp-step-000500/` and renamed only after every rank has finished, every file and then the directory
+fsynced, so neither a crash mid-save nor a power loss after it leaves anything that looks complete and is not; `latest`
+(a symlink, and `find_latest`, which scans) means the newest complete one.
+
+On a cluster the ranks share the directory over a network filesystem, whose listings can differ between nodes for a
+while (NFS caches them; a requeued job can start before they expire). So whatever depends on what the directory holds
+(which checkpoint to resume from, whether a step is already saved, pruning) is decided by rank 0 and broadcast, and every
+failure reaches all ranks as the same one-line CheckpointError: no rank is left waiting in a collective for one that
+raised.
+
+Retention: checkpoints at multiples of `keep_every` and each run's final one are kept forever; only the others rotate
+under `keep_last`.
 
 Command line (launch/*.sh use it, so no script parses config files or step-NNNNNN names itself):
 
@@ -23,6 +35,7 @@ Command line (launch/*.sh use it, so no script parses config files or step-NNNNN
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import random
@@ -31,8 +44,9 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -43,11 +57,16 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 import smollm2
 from smollm2.config import Config, load_config, model_config_from_dict, to_dict, to_yaml
-from smollm2.errors import CheckpointError
+from smollm2.errors import CheckpointError, UserError
 from smollm2.files import atomic_write_json, sha256_file
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 COMPLETE = "COMPLETE"
+# The layout of rng/*.pt, recorded in meta.json. 2: tensors, lists and numbers only, read with torch.load(weights_only=True),
+# so a checkpoint from elsewhere cannot run code through them. 1 (no "rng_format": checkpoints written before it): numpy's
+# and python's state tuples pickled as they are, which only weights_only=False reads back (allowed for those alone).
+RNG_FORMAT = 2
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 # Model settings that do not change the parameters' shapes or meaning (free to differ on resume).
 # max_seq_len: no tensor depends on it (RoPE angles are computed per position), so a resume may raise or lower it.
 _RUNTIME_MODEL_KEYS = {"attention", "init_std", "max_seq_len"}
@@ -121,9 +140,19 @@ def check_model_matches(meta: dict[str, Any], cfg: Config, path: Path) -> None:
                               "resume with the same model config or start a new run_dir")
 
 
+def is_final(path: Path) -> bool:
+    """Whether meta.json marks the checkpoint as a run's final one (train.max_steps reached): never pruned."""
+    try:
+        return json.loads((path / "meta.json").read_text()).get("final") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 # ------------------------------------------------------------------------------------------------------------ integrity
 # DCP keeps no checksums: a shard damaged in place (a bad disk, an interrupted copy) loads without an error, its bytes
 # silently becoming weights. So the save records each data file's size and sha256 in meta.json, and a load checks them.
+# sha256 costs 0.6-0.9 s per GB (1.1-1.7 GB/s) on one core of this project's CPU machines, measured at the seed shape
+# (README, "Checkpoints and resuming"): a fraction of writing the GB, so no faster checksum is worth a second format.
 
 
 def file_digest(path: Path) -> dict[str, Any]:
@@ -131,9 +160,12 @@ def file_digest(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def _data_files(path: Path) -> list[str]:
-    """The files of a checkpoint that the save writes before meta.json: DCP's .metadata and shards, the ranks' RNG."""
-    return sorted([".metadata", *(p.name for p in path.glob("*.distcp")), *(f"rng/{p.name}" for p in path.glob("rng/*.pt"))])
+def _written_files(metadata: Any, world_size: int) -> list[str]:
+    """The data files a save wrote, from what DCP's save returned (the same on every rank), not from a listing of the
+    directory, which on a network filesystem may not show another node's files yet: .metadata, the shards, the RNG."""
+    shards = {info.relative_path for info in (getattr(metadata, "storage_data", None) or {}).values()
+              if getattr(info, "relative_path", None)}
+    return sorted({".metadata", *shards, *(f"rng/rank-{rank:05d}.pt" for rank in range(world_size))})
 
 
 def _gather(part: Any, world_size: int) -> list[Any]:
@@ -144,14 +176,27 @@ def _gather(part: Any, world_size: int) -> list[Any]:
     return [part]
 
 
-def record_files(path: Path, rank: int = 0, world_size: int = 1) -> dict[str, dict[str, Any]]:
-    """Collective when world_size > 1: the digests of the checkpoint's data files (`file_digest`), each rank hashing a
-    share of them. Rank 0 lists the files (it is the one that commits the directory)."""
-    names = [_data_files(path) if rank == 0 else None]
-    if world_size > 1 and dist.is_initialized():
-        dist.broadcast_object_list(names, src=0)
-    mine = {name: file_digest(path / name) for name in names[0][rank::world_size]}
-    return dict(sorted(item for part in _gather(mine, world_size) for item in part.items()))
+def file_problems(path: Path, recorded: dict[str, dict[str, Any]], names: list[str]) -> list[str]:
+    """What differs between the files `names` of the checkpoint at `path` and the digests meta.json recorded (local: this
+    process reads them)."""
+    problems = []
+    for name in names:
+        expected, file = recorded[name], path / name
+        try:
+            if not file.is_file():
+                problems.append(f"{name} is missing")
+            elif (size := file.stat().st_size) != expected["bytes"]:
+                problems.append(f"{name} has {size:,} bytes, {expected['bytes']:,} were written")
+            elif file_digest(file)["sha256"] != expected["sha256"]:
+                problems.append(f"{name} has changed since it was written (sha256 differs)")
+        except OSError as err:
+            problems.append(f"{name} is unreadable ({err.strerror or err})")
+    return problems
+
+
+def _damaged(path: Path, problems: list[str]) -> CheckpointError:
+    return CheckpointError(f"{path} is damaged: {'; '.join(problems)}; resume from another checkpoint "
+                           "(python -m smollm2.checkpoint list RUN_DIR)")
 
 
 def verify_files(path: Path, meta: dict[str, Any], rank: int = 0, world_size: int = 1) -> None:
@@ -161,48 +206,93 @@ def verify_files(path: Path, meta: dict[str, Any], rank: int = 0, world_size: in
     recorded = meta.get("files")
     if not recorded:
         return
-    problems = []
-    for name in sorted(recorded)[rank::world_size]:
-        expected, file = recorded[name], path / name
-        if not file.is_file():
-            problems.append(f"{name} is missing")
-        elif (size := file.stat().st_size) != expected["bytes"]:
-            problems.append(f"{name} has {size:,} bytes, {expected['bytes']:,} were written")
-        elif file_digest(file)["sha256"] != expected["sha256"]:
-            problems.append(f"{name} has changed since it was written (sha256 differs)")
+    problems = file_problems(path, recorded, sorted(recorded)[rank::world_size])
     problems = [problem for part in _gather(problems, world_size) for problem in part]
     if problems:
         # Every rank raises now. Torn down straight after the gather, the group sometimes aborts a rank on exit ("terminate
         # called without an active exception"; at 2 gloo ranks 4 runs in 18 without this barrier, 1 in 30 with it).
         _barrier()
-        raise CheckpointError(f"{path} is damaged: {'; '.join(problems)}; resume from another checkpoint "
-                              "(python -m smollm2.checkpoint list RUN_DIR)")
+        raise _damaged(path, problems)
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """DCP's CheckpointException (a BaseException, so `except Exception` misses it) wraps each rank's error: the first
+    rank's; any other error: itself."""
+    failures = getattr(err, "failures", None)
+    if isinstance(err, CheckpointException) and failures:
+        return next(iter(failures.values()))[0]
+    return err
+
+
+def _one_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:300] if lines else 'no message'}"
 
 
 def _load_failure(path: Path, err: BaseException) -> CheckpointError:
-    """What DCP raised, as one line naming the checkpoint. Its CheckpointException (a BaseException, so `except
-    Exception` misses it) wraps each rank's error and prints their tracebacks: report the first rank's error."""
-    failures = getattr(err, "failures", None)
-    if isinstance(err, CheckpointException) and failures:
-        err = next(iter(failures.values()))[0]
+    """What DCP raised, as one line naming the checkpoint (the first rank's error, not every rank's traceback)."""
+    err = _root_cause(err)
     lines = str(err).strip().splitlines()
     detail = lines[0][:300] if lines else "no message (a truncated or damaged file?)"
     return CheckpointError(f"cannot load {path}: {type(err).__name__}: {detail}")
 
 
+# ---------------------------------------------------------------------------------------------------------------- RNG
+
+
 def _rng_state() -> dict[str, Any]:
-    state = {"cpu": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This rank's RNG states as tensors, lists and numbers only (RNG_FORMAT 2): torch.load(weights_only=True) reads
+    them back, and refuses anything that could run code."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "cpu": torch.get_rng_state(),
+        "numpy": [str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)],
+        "python": [version, list(internal), gauss_next],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `_rng_state()`'s states; format 1 files hold numpy's and python's tuples as they are."""
     torch.set_rng_state(state["cpu"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, list):
+        kind, keys, pos, has_gauss, cached_gaussian = numpy_state
+        numpy_state = (kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian)
+    np.random.set_state(numpy_state)
+    python_state = state["python"]
+    if isinstance(python_state, list):
+        version, internal, gauss_next = python_state
+        python_state = (version, tuple(internal), gauss_next)
+    random.setstate(python_state)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------------- durability
+
+
+def _write_synced(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Create `path` with `write(file)`, then fsync it: on disk before the directory is committed."""
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the directory's entries durable (files created or renamed in it): fsyncing a file does not cover its name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP):  # filesystems that cannot fsync a directory say so
+            raise
+    finally:
+        os.close(fd)
 
 
 def _barrier() -> None:
@@ -210,45 +300,210 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 class Checkpointer:
-    def __init__(self, ckpt_root: str | Path, keep_last: int, rank: int, world_size: int):
+    """A run's checkpoints. `choose`, `save` and `load` are collective: all ranks call them, in the same order."""
+
+    def __init__(self, ckpt_root: str | Path, keep_last: int, rank: int, world_size: int, keep_every: int = 0):
         self.root = Path(ckpt_root)
-        self.keep_last, self.rank, self.world_size = keep_last, rank, world_size
+        self.keep_last, self.keep_every, self.rank, self.world_size = keep_last, keep_every, rank, world_size
 
-    # ------------------------------------------------------------------------------------------------------------ save
+    # -------------------------------------------------------------------------------------------- agreeing ranks
 
-    def save(self, step: int, model, optimizer, train_state: dict[str, Any], cfg: Config) -> Path:
-        """Collective: every rank calls it. Returns the committed directory."""
-        final = self.root / step_dir_name(step)
-        if is_complete(final):  # e.g. resumed at this very step: nothing new to write
-            return final
+    def _from_rank0(self, decide: Callable[[], Any]) -> Any:
+        """Rank 0 runs `decide` and every rank returns its result, or raises its error: a CheckpointError with the same
+        message on every rank (rank 0 re-raises an error that is not a UserError as it is, with its traceback)."""
+        result, error, user, failure = None, None, True, None
+        if self.rank == 0:
+            try:
+                result = decide()
+            except Exception as err:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
+                failure, user = err, isinstance(err, UserError)
+                error = str(err) if user else f"rank 0: {_one_line(err)}"
+        if self.world_size > 1 and dist.is_initialized():
+            shared = [result, error, user]
+            dist.broadcast_object_list(shared, src=0)
+            result, error, user = shared
+        if error is None:
+            return result
+        _barrier()  # see verify_files: every rank has the message before any tears the group down
+        if failure is not None and not isinstance(failure, CheckpointError):
+            raise failure
+        raise (CheckpointError if user else RuntimeError)(error)
+
+    def _together(self, work: Callable[[], Any], cleanup: Callable[[], None] | None = None) -> list[Any]:
+        """Every rank runs `work`; returns the results by rank. If it failed on any rank, rank 0 runs `cleanup` (every rank
+        is past `work` then) and every rank raises the lowest failing rank's error as a CheckpointError (a UserError
+        there) or a RuntimeError (a bug, whose traceback that rank keeps as the cause)."""
+        result, error, user, failure = None, None, True, None
+        try:
+            result = work()
+        except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
+            failure, user = err, isinstance(err, UserError)
+            error = str(err) if user else _one_line(_root_cause(err))
+        outcomes = _gather((result, error, user), self.world_size)
+        failed = [(rank, error, user) for rank, (_, error, user) in enumerate(outcomes) if error is not None]
+        if not failed:
+            return [result for result, _, _ in outcomes]
+        if cleanup is not None and self.rank == 0:
+            cleanup()
+        _barrier()
+        rank, error, user = failed[0]
+        if user:
+            raise CheckpointError(error) from failure
+        raise RuntimeError(f"rank {rank}: {error}") from failure
+
+    # ---------------------------------------------------------------------------------------------------- resume
+
+    def choose(self, spec: str | None) -> Path | None:
+        """Collective: the checkpoint to resume from, the same on every rank: rank 0 looks at the directory and checks
+        the checkpoint's files against meta.json, then broadcasts its choice (a stale directory cache on one node must
+        not make ranks load different checkpoints).
+
+        spec None (no --resume): None, or a CheckpointError if the run directory already holds checkpoints.
+        `latest`: the newest complete checkpoint whose files check out, a damaged one skipped with a warning naming the
+        file; None if there is none yet. A path (see `resolve`): that checkpoint; damaged, it is an error naming the file.
+        `load(..., verified=True)` then skips checking the files a second time."""
+        chosen = self._from_rank0(lambda: self._choose(spec))
+        return None if chosen is None else Path(chosen)
+
+    def _choose(self, spec: str | None) -> str | None:  # rank 0
+        if not spec:
+            if (existing := find_latest(self.root)) is not None:
+                raise CheckpointError(f"{self.root.parent} already holds checkpoints (latest: {existing.name}); pass "
+                                      "--resume latest to continue that run, or set a new train.run_dir")
+            return None
+        if spec == "latest":
+            found = list_checkpoints(self.root)
+            for _, path in reversed(found):
+                if not (problems := self._problems(path)):
+                    return str(path)
+                _warn(f"skipping {path}: {'; '.join(problems)}; trying the checkpoint before it")
+            if found:
+                raise CheckpointError(f"every checkpoint under {self.root} is damaged (see the warnings above); restore "
+                                      "one from a copy, or start a new train.run_dir")
+            return None
+        path = resolve(spec, self.root)
+        if problems := self._problems(path):
+            raise _damaged(path, problems)
+        return str(path)
+
+    @staticmethod
+    def _problems(path: Path) -> list[str]:
+        """What is wrong with a complete-looking checkpoint: an unreadable meta.json, or files that differ from it."""
+        try:
+            recorded = read_meta(path).get("files") or {}
+        except CheckpointError as err:
+            return [str(err)]
+        return file_problems(path, recorded, sorted(recorded))
+
+    # ------------------------------------------------------------------------------------------------------ save
+
+    def save(self, step: int, model, optimizer, train_state: dict[str, Any], cfg: Config, final: bool = False) -> Path:
+        """Collective: every rank calls it. Returns the committed directory. `final`: the run's last checkpoint
+        (train.max_steps reached), kept forever like the multiples of keep_every.
+
+        A failure (a full disk, a quota, permissions) on any rank raises the same one-line CheckpointError on every
+        rank; the unfinished `.tmp-step-*` directory is removed and the previous checkpoint stays the latest."""
+        target = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{step_dir_name(step)}"
-        if self.rank == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left by a save that was killed
+        # Decided by rank 0 alone: a rank that (through a stale cache) saw the step as saved would skip the collectives
+        # below while the others waited in them.
+        done, previous = self._from_rank0(lambda: self._prepare(step, target, tmp, final))
+        if done:
+            return target
+
+        def failing_as(work: Callable[[], Any]) -> Callable[[], Any]:
+            """`work`, its OSError (DCP's wrapped in a CheckpointException) raised as the save's one-line error."""
+            def run() -> Any:
+                try:
+                    return work()
+                except (Exception, CheckpointException) as err:
+                    if isinstance(cause := _root_cause(err), OSError):
+                        raise self._save_error(step, target, previous, cause) from err
+                    raise
+            return run
+
+        def remove_tmp() -> None:  # best effort: a leftover is removed by the next save at this step anyway
+            shutil.rmtree(tmp, ignore_errors=True)
+
+        # Every rank writes its shards and RNG states (DCP shares its own failures between the ranks; _together the rest).
+        names = self._together(failing_as(lambda: self._write(tmp, model, optimizer)), remove_tmp)[self.rank]
+        # ... and hashes a share of all the files, once every rank's are written.
+        shares = self._together(failing_as(lambda: {name: file_digest(tmp / name)
+                                                    for name in names[self.rank :: self.world_size]}), remove_tmp)
+        files = dict(sorted(item for share in shares for item in share.items()))
+        meta = {"step": step, "world_size": self.world_size, "final": final, "rng_format": RNG_FORMAT,
+                "model": to_dict(cfg.model), "config": to_dict(cfg), "files": files,
+                "versions": {"smollm2": smollm2.__version__, "torch": torch.__version__, "python": sys.version.split()[0]},
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self._from_rank0(failing_as(lambda: self._commit(tmp, target, train_state, cfg, meta, remove_tmp)))
+        return target
+
+    def _prepare(self, step: int, target: Path, tmp: Path, final: bool) -> tuple[bool, str | None]:  # rank 0
+        """(whether `target` is already saved, e.g. resumed at this very step; the newest complete checkpoint, which is
+        what a failed save leaves as the latest), after making a fresh `tmp`."""
+        if is_complete(target):
+            if final and not is_final(target):  # the same state, now also this run's final checkpoint: keep it
+                try:
+                    atomic_write_json(target / "meta.json", {**read_meta(target), "final": True})  # no digest covers it
+                    _fsync_dir(target)
+                except (OSError, CheckpointError) as err:
+                    _warn(f"could not mark {target} as the run's final checkpoint ({err}): keep_last may rotate it out")
+            return True, None
+        previous = find_latest(self.root)
+        try:
+            for leftover in (tmp, target):  # a save that was killed; an incomplete copy at this step's name
+                if leftover.exists():
+                    shutil.rmtree(leftover)
             (tmp / "rng").mkdir(parents=True)
-        _barrier()
+        except OSError as err:
+            raise self._save_error(step, target, None if previous is None else str(previous), err) from err
+        return False, None if previous is None else str(previous)
+
+    def _write(self, tmp: Path, model, optimizer) -> list[str]:  # every rank
+        """Write this rank's shards (DCP) and RNG states into `tmp`; returns the data files every rank wrote."""
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-        torch.save(_rng_state(), tmp / "rng" / f"rank-{self.rank:05d}.pt")
-        _barrier()
-        files = record_files(tmp, self.rank, self.world_size)  # collective
-        if self.rank == 0:
-            atomic_write_json(tmp / "train_state.json", train_state)
-            (tmp / "config.yaml").write_text(to_yaml(cfg))
-            atomic_write_json(tmp / "meta.json", {
-                "step": step, "world_size": self.world_size, "model": to_dict(cfg.model), "config": to_dict(cfg),
-                "files": files,
-                "versions": {"smollm2": smollm2.__version__, "torch": torch.__version__,
-                             "python": sys.version.split()[0]},
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            })
-            (tmp / COMPLETE).write_text(f"{step}\n")
-            os.rename(tmp, final)  # the commit
-            self._point_latest(final)
-            self._prune()
-        _barrier()
-        return final
+        # sync_files (DCP's default, pinned here) fsyncs every shard and .metadata before the save returns.
+        written = dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
+        _write_synced(tmp / "rng" / f"rank-{self.rank:05d}.pt", lambda f: torch.save(_rng_state(), f))
+        return _written_files(written, self.world_size)
+
+    def _commit(self, tmp: Path, target: Path, train_state: dict[str, Any], cfg: Config, meta: dict[str, Any],
+                remove_tmp: Callable[[], None]) -> None:  # rank 0
+        try:
+            atomic_write_json(tmp / "train_state.json", train_state)  # fsyncs
+            _write_synced(tmp / "config.yaml", lambda f: f.write(to_yaml(cfg).encode()))
+            atomic_write_json(tmp / "meta.json", meta)
+            _write_synced(tmp / COMPLETE, lambda f: f.write(f"{meta['step']}\n".encode()))
+            _fsync_dir(tmp / "rng")
+            _fsync_dir(tmp)  # every name in it is durable before the rename publishes them
+            os.rename(tmp, target)  # the commit
+            _fsync_dir(self.root)  # the rename itself
+        except BaseException:
+            if not target.exists():
+                remove_tmp()
+            raise
+        # Committed: nothing below fails the save. `latest` (the link) is a convenience: --resume latest scans.
+        try:
+            self._point_latest(target)
+            _fsync_dir(self.root)
+        except OSError as err:
+            _warn(f"could not point {self.root / 'latest'} at {target.name} ({err.strerror or err}); "
+                  "--resume latest scans the directory and is not affected")
+        self._prune()
+
+    def _save_error(self, step: int, target: Path, previous: str | None, err: OSError) -> CheckpointError:
+        kept = (f"the previous checkpoint step {checkpoint_step(previous)} is intact ({previous})" if previous
+                else "there is no earlier checkpoint")
+        if err.errno in _DISK_FULL:
+            return CheckpointError(f"disk full while saving step {step} to {target}; {kept}; free space (or lower "
+                                   "checkpoint.keep_last / keep_every), then --resume latest")
+        where = f" ({err.filename})" if err.filename else ""
+        return CheckpointError(f"cannot save step {step} to {target}: {err.strerror or err}{where}; {kept}")
 
     def _point_latest(self, target: Path) -> None:
         link, tmp_link = self.root / "latest", self.root / ".latest.tmp"
@@ -257,35 +512,58 @@ class Checkpointer:
         tmp_link.symlink_to(target.name)
         os.replace(tmp_link, link)
 
-    def _prune(self) -> None:
+    def kept_forever(self, step: int, path: Path) -> bool:
+        """Milestones (multiples of keep_every) and each run's final checkpoint: a later phase's preemption saves must
+        not rotate them out (launch/train.sh, rerun, checks phase 1's final step again)."""
+        return (self.keep_every > 0 and step % self.keep_every == 0) or is_final(path)
+
+    def _prune(self) -> None:  # rank 0
         if self.keep_last <= 0:
             return
-        for _, path in list_checkpoints(self.root)[: -self.keep_last]:
+        rotating = [path for step, path in list_checkpoints(self.root) if not self.kept_forever(step, path)]
+        for path in rotating[: -self.keep_last]:
+            # the marker first: a deletion cut short leaves an incomplete directory, never a complete-looking damaged one
+            (path / COMPLETE).unlink(missing_ok=True)
             shutil.rmtree(path, ignore_errors=True)
 
-    # ------------------------------------------------------------------------------------------------------------ load
+    # ------------------------------------------------------------------------------------------------------ load
 
-    def load(self, path: Path, model, optimizer, cfg: Config) -> dict[str, Any]:
+    def load(self, path: Path, model, optimizer, cfg: Config, verified: bool = False) -> dict[str, Any]:
         """Collective. Restores model + optimizer (resharded to this world size) and this rank's RNG when the world size
-        matches; returns the train state (step, tokens, loader state, ...)."""
-        meta = read_meta(path)
+        matches; returns the train state (step, tokens, loader state, ...). `verified`: `choose` has just checked the
+        files, skip the second pass (otherwise the ranks check them, each a share)."""
+        meta = self._from_rank0(lambda: read_meta(path))  # one reading, so every rank decides alike below
         check_model_matches(meta, cfg, path)
-        verify_files(path, meta, self.rank, self.world_size)  # collective
+        if not verified:
+            verify_files(path, meta, self.rank, self.world_size)  # collective
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         try:
-            dcp.load(state, checkpoint_id=path)
+            dcp.load(state, checkpoint_id=path)  # collective: DCP shares its failures between the ranks
         except (Exception, CheckpointException) as err:  # DCP raises assorted errors for damaged/foreign files
             raise _load_failure(path, err) from None
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        try:
-            train_state = json.loads((path / "train_state.json").read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{path}/train_state.json is unreadable: {err}") from None
-        rng_file = path / "rng" / f"rank-{self.rank:05d}.pt"
-        if meta.get("world_size") == self.world_size and rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+        train_state = self._from_rank0(lambda: _read_train_state(path))
+        self._together(lambda: self._load_rng(path, meta))
         return train_state
+
+    def _load_rng(self, path: Path, meta: dict[str, Any]) -> None:  # every rank
+        rng_file = path / "rng" / f"rank-{self.rank:05d}.pt"
+        if meta.get("world_size") != self.world_size or not rng_file.is_file():
+            return  # another world size: each rank's stream starts from the seed
+        try:
+            # Format 1 files (older checkpoints, meta.json without "rng_format") are plain pickles: only they may
+            # unpickle objects, so that old runs still resume.
+            _set_rng_state(torch.load(rng_file, weights_only=meta.get("rng_format", 1) >= 2))
+        except Exception as err:  # noqa: BLE001 - an unreadable or foreign file: say which
+            raise CheckpointError(f"cannot load {rng_file}: {_one_line(err)}") from None
+
+
+def _read_train_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / "train_state.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}/train_state.json is unreadable: {err}") from None
 
 
 # --------------------------------------------------------------------------------------------------------- inference
@@ -338,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         for step, path in list_checkpoints(root):
             meta = read_meta(path)
-            print(f"{step:>8}  {path}  world_size={meta.get('world_size')}  {meta.get('time')}")
+            final = "  final" if meta.get("final") is True else ""
+            print(f"{step:>8}  {path}  world_size={meta.get('world_size')}  {meta.get('time')}{final}")
         return 0
     if args.command == "latest-step":
         found = list_checkpoints(root)

@@ -220,10 +220,13 @@ class SampleConfig:
 @dataclass
 class CheckpointConfig:
     interval: int = 500  # steps; a checkpoint is also written at the end of every run
-    keep_last: int = 3  # complete checkpoints kept; 0 = keep all
+    keep_last: int = 3  # complete checkpoints kept, besides those kept forever; 0 = keep all
+    # Kept forever, never rotated by keep_last: checkpoints at multiples of keep_every (0 = none) and each run's final
+    # one, so a later phase's checkpoints (preemption saves) cannot delete the step a phase ended at.
+    keep_every: int = 500
 
     def check(self) -> None:
-        _non_negative(self, "checkpoint.", "interval", "keep_last")
+        _non_negative(self, "checkpoint.", "interval", "keep_last", "keep_every")
 
 
 @dataclass

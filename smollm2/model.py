@@ -185,6 +185,8 @@ class SmolLM(nn.Module):
         """idx [B, T] -> logits [B, T, padded_vocab] (padded columns -inf), or the mean cross-entropy if targets given."""
         T = idx.shape[1]
         positions = torch.arange(start_pos, start_pos + T, device=idx.device)
+        # fp32 tables whatever dtype the weights run in (apply_rope rotates in fp32): in bf16, cos/sin would keep 8
+        # significant bits. Whatever wraps the blocks must hand them over unconverted.
         cos, sin = rope_cos_sin(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_theta)
         x = self.embed(idx)
         for block in self.blocks:

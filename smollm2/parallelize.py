@@ -80,8 +80,14 @@ def build_model(cfg: Config, env: DistEnv, *, init_seed: int | None = None) -> S
     if compiled:
         for block in model.blocks:  # per-block compile keeps parameter names (and so checkpoints) unchanged
             block.compile()
+    # cast_forward_inputs=False: by default each FSDP unit casts its forward's float inputs to param_dtype. The blocks'
+    # inputs are the residual stream (already bf16: the embedding runs on bf16 weights) and the RoPE cos/sin tables,
+    # which must stay fp32 (bf16 keeps 8 significant bits). Per-block units would round the tables to bf16; with one
+    # root unit (its inputs are token ids) nothing is cast. Not casting makes both layouts, and so every world size,
+    # compute the same math. Nothing else reads the flag: parameters are still all-gathered in bf16, gradients reduced
+    # in fp32.
     if cfg.train.dtype == Dtype.bf16:
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
     else:
         mp = MixedPrecisionPolicy()
     shard = partial(fully_shard, mp_policy=mp)

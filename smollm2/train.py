@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from smollm2.checkpoint import Checkpointer, find_latest, resolve
+from smollm2.checkpoint import Checkpointer
 from smollm2.config import Config, WandbMode, load_config, to_dict, to_yaml
 from smollm2.data import Dataset, TrainLoader, ValWindows
-from smollm2.distributed import DistEnv, init_distributed, shutdown
+from smollm2.distributed import DistEnv, check_shared_dir, describe_ranks, init_distributed, shutdown
 from smollm2.errors import UserError
 from smollm2.generate import generate
 from smollm2.metrics import (
@@ -126,8 +126,8 @@ def _write_samples(model, cfg: Config, env: DistEnv, step: int, metrics: Metrics
 
 def train(cfg: Config, env: DistEnv) -> TrainState:
     run_dir = Path(cfg.train.run_dir)
+    check_shared_dir(run_dir, env)  # creates it; a node-local run_dir would fail only at the first checkpoint
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     torch.manual_seed(cfg.train.seed + env.rank)
 
@@ -141,18 +141,17 @@ def train(cfg: Config, env: DistEnv) -> TrainState:
     optimizer = build_optimizer(model, cfg.optim, env.device)
     schedule = LRSchedule(cfg.optim)
     state = TrainState()
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank, env.world_size)
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank, env.world_size,
+                                keep_every=cfg.checkpoint.keep_every)
 
-    existing = find_latest(run_dir / "checkpoints")
-    if not cfg.train.resume and existing is not None:
-        raise UserError(f"{run_dir} already holds checkpoints (latest: {existing.name}); pass --resume latest to "
-                        "continue that run, or set a new train.run_dir")
+    # Rank 0 picks (and checks) the checkpoint, every rank follows: a stale directory cache on one node must not make
+    # ranks resume from different checkpoints. Without --resume, a run_dir that holds checkpoints is an error.
+    path = checkpointer.choose(cfg.train.resume)
     if cfg.train.resume:
-        path = resolve(cfg.train.resume, run_dir / "checkpoints")
         if path is None:
             _log(env, f"resume=latest: no complete checkpoint in {run_dir / 'checkpoints'} yet; starting from step 0")
         else:
-            saved = checkpointer.load(path, model, optimizer, cfg)
+            saved = checkpointer.load(path, model, optimizer, cfg, verified=True)  # choose() checked its files
             state = TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"],
                                logger_run_id=saved.get("logger_run_id"))
             loader.load_state_dict(saved["loader"])
@@ -178,6 +177,8 @@ def train(cfg: Config, env: DistEnv) -> TrainState:
     _log(env, f"model {n_params:,} parameters | world size {env.world_size} on {env.device.type} | "
               f"{tokens_per_step:,} tokens/step ({micro} x {accum} x {env.world_size} windows of {seq_len}) | "
               f"dtype {cfg.train.dtype} | activation checkpointing {cfg.train.activation_checkpointing}")
+    for line in describe_ranks(env):  # where each rank runs: host, device, GPU (collective)
+        _log(env, line)
     if state.step >= cfg.train.max_steps:
         _log(env, f"already at step {state.step} >= train.max_steps={cfg.train.max_steps}: nothing to do")
 
@@ -189,7 +190,8 @@ def train(cfg: Config, env: DistEnv) -> TrainState:
         train_state = {"step": state.step, "tokens_seen": state.tokens_seen, "logger_run_id": state.logger_run_id,
                        "loader": loader.state_dict(), "schedule": schedule.state_dict()}
         start = time.perf_counter()
-        path = checkpointer.save(state.step, model, optimizer, train_state, cfg)
+        final = state.step >= cfg.train.max_steps  # the run's last checkpoint: kept forever, never rotated by keep_last
+        path = checkpointer.save(state.step, model, optimizer, train_state, cfg, final=final)
         _log(env, f"checkpoint {path} ({time.perf_counter() - start:.1f}s)")
 
     stop = StopRequest()

@@ -1,8 +1,12 @@
-"""Checkpoints on CPU, in this process (a one-rank gloo group, a small model): retention, `resolve`, damaged files; and the
-one-line errors the command lines give for a damaged checkpoint."""
+"""Checkpoints on CPU, in this process (a one-rank gloo group, a small model): retention (keep_last, milestones, final),
+`resolve`, damaged files (and `--resume latest` falling back past them), fsync, the RNG files' safe format, a disk filling
+up mid-save; the one-line errors the command lines give for a damaged checkpoint; and on two spawned gloo ranks, that rank 0
+decides what the directory holds and every rank follows, errors included."""
 
+import errno
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -10,13 +14,26 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint.filesystem as dcp_filesystem
+from multirank import run_ranks  # tests/ helper
 
-from smollm2.checkpoint import Checkpointer, find_latest, list_checkpoints, load_model_for_inference, resolve
+import smollm2.checkpoint as ckpt
+from smollm2.checkpoint import (
+    Checkpointer,
+    file_digest,
+    find_latest,
+    list_checkpoints,
+    load_model_for_inference,
+    resolve,
+    step_dir_name,
+)
+from smollm2.checkpoint import main as checkpoint_main
 from smollm2.config import load_config
 from smollm2.distributed import init_distributed, shutdown
-from smollm2.errors import CheckpointError
+from smollm2.errors import CheckpointError, ConfigError
 from smollm2.model import SmolLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,20 +76,26 @@ def small_model(cfg, seed: int = 0):
     return model, optimizer
 
 
-def save_steps(root: Path, steps, keep_last: int) -> dict[int, dict[str, torch.Tensor]]:
-    """Save a checkpoint at each step (the weights differ between them); returns each step's model state."""
+def save_steps(root: Path, steps, keep_last: int, keep_every: int = 0, final=()) -> dict[int, dict[str, torch.Tensor]]:
+    """Save a checkpoint at each step (the weights differ between them; the steps in `final` as a run's last); returns
+    each step's model state."""
     cfg = small_config()
     saved = {}
     with one_rank_group():
         model, optimizer = small_model(cfg)
-        checkpointer = Checkpointer(root, keep_last, rank=0, world_size=1)
+        checkpointer = Checkpointer(root, keep_last, rank=0, world_size=1, keep_every=keep_every)
         for step in steps:
-            with torch.no_grad():
-                model.norm.bias.fill_(step)  # mark the weights with the step
-            path = checkpointer.save(step, model, optimizer, {"step": step, "tokens_seen": 10 * step}, cfg)
-            assert path == root / f"step-{step:06d}"
+            mark_and_save(checkpointer, step, model, optimizer, cfg, final=step in final)
             saved[step] = {k: v.clone() for k, v in model.state_dict().items()}
     return saved
+
+
+def mark_and_save(checkpointer: Checkpointer, step: int, model, optimizer, cfg, final: bool = False) -> Path:
+    with torch.no_grad():
+        model.norm.bias.fill_(step)  # mark the weights with the step
+    path = checkpointer.save(step, model, optimizer, {"step": step, "tokens_seen": 10 * step}, cfg, final=final)
+    assert path == checkpointer.root / f"step-{step:06d}"
+    return path
 
 
 def step_dirs(root: Path) -> list[str]:
@@ -246,3 +269,325 @@ def test_cli_refuses_a_damaged_checkpoint_in_one_line(damaged, shakespeare_data,
     verify = subprocess.run([sys.executable, "-m", "smollm2.checkpoint", "verify", str(damaged.parent.parent), "1"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert_cli_error(verify, damaged)  # what launch/train.sh runs after each phase
+
+
+# ------------------------------------------------------------------------------------------------ milestones, final
+
+
+def test_milestones_and_final_checkpoints_are_never_pruned(tmp_path):
+    """checkpoint.interval 2, keep_every 4, keep_last 2, steps 2..12 with preemption saves at 5 and 9 and the final one
+    at 13; then a second phase's preemption saves at 14 and 15 must not rotate out phase 1's final step 13 (what
+    launch/train.sh checks again when it is rerun)."""
+    root = tmp_path / "checkpoints"
+    save_steps(root, [2, 4, 5, 6, 8, 9, 10, 12, 13], keep_last=2, keep_every=4, final={13})
+    assert step_dirs(root) == [f"step-{s:06d}" for s in (4, 8, 9, 10, 12, 13)]  # 2, 5, 6 rotated out
+    assert [json.loads((root / name / "meta.json").read_text())["final"] for name in step_dirs(root)] == \
+        [False] * 5 + [True]
+    save_steps(root, [14, 15], keep_last=2, keep_every=4)  # phase 2, preempted twice
+    assert step_dirs(root) == [f"step-{s:06d}" for s in (4, 8, 12, 13, 14, 15)]
+    assert os.readlink(root / "latest") == "step-000015" and find_latest(root) == root / "step-000015"
+    assert resolve("latest", root) == root / "step-000015"
+    with one_rank_group():
+        assert Checkpointer(root, 2, rank=0, world_size=1).choose("latest") == root / "step-000015"
+    assert subprocess.run([sys.executable, "-m", "smollm2.checkpoint", "list", str(tmp_path)], cwd=ROOT, timeout=120,
+                          capture_output=True, text=True, check=True).stdout.count("  final\n") == 1
+
+
+def test_keep_every_zero_keeps_only_the_final_one_beyond_keep_last(tmp_path):
+    root = tmp_path / "checkpoints"
+    save_steps(root, [1, 2, 3, 4, 5], keep_last=1, keep_every=0, final={3})
+    assert step_dirs(root) == ["step-000003", "step-000005"]
+
+
+def test_resaving_a_saved_step_as_final_marks_it(tmp_path):
+    """A run resumed at the step it then ends at writes nothing new, but that checkpoint is now the run's final one."""
+    root = tmp_path / "checkpoints"
+    save_steps(root, [4], keep_last=1)
+    assert not json.loads((root / "step-000004/meta.json").read_text())["final"]
+    save_steps(root, [4], keep_last=1, final={4})
+    assert json.loads((root / "step-000004/meta.json").read_text())["final"] is True
+    save_steps(root, [5, 6], keep_last=1)
+    assert step_dirs(root) == ["step-000004", "step-000006"]
+
+
+def test_keep_every_must_not_be_negative():
+    with pytest.raises(ConfigError, match="checkpoint.keep_every"):
+        load_config(ROOT / "configs/tiny.yaml", ["checkpoint.keep_every=-1"])
+
+
+# ------------------------------------------------------------------------------------------ resume skips damage
+
+
+def test_resume_latest_skips_a_damaged_checkpoint_with_a_warning(tmp_path, capfd):
+    root = tmp_path / "checkpoints"
+    save_steps(root, [1, 2, 3], keep_last=0)
+    damage(root / "step-000003", "overwrite")
+    (root / "step-000002/meta.json").write_text("{not json")
+    with one_rank_group():
+        checkpointer = Checkpointer(root, 0, rank=0, world_size=1)
+        assert checkpointer.choose("latest") == root / "step-000001"
+        err = capfd.readouterr().err
+        assert f"warning: skipping {root / 'step-000003'}: __0_0.distcp has changed since it was written" in err
+        assert f"warning: skipping {root / 'step-000002'}: {root / 'step-000002'}/meta.json is unreadable" in err
+        with pytest.raises(CheckpointError) as named:  # named explicitly: an error, not a fallback
+            checkpointer.choose(str(root / "step-000003"))
+        assert_one_line_naming(named.value, root / "step-000003", "is damaged", "__0_0.distcp", "sha256 differs")
+        with pytest.raises(CheckpointError, match="already holds checkpoints"):  # no --resume into a used run_dir
+            checkpointer.choose(None)
+        damage(root / "step-000001", "delete")
+        with pytest.raises(CheckpointError, match="every checkpoint under .* is damaged"):
+            checkpointer.choose("latest")
+        assert Checkpointer(tmp_path / "fresh", 0, rank=0, world_size=1).choose("latest") is None
+
+
+# ---------------------------------------------------------------------------------------------------- durability
+
+
+def test_save_fsyncs_its_files_and_then_the_directories(tmp_path, monkeypatch):
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    root = tmp_path / "checkpoints"
+    save_steps(root, [1], keep_last=0)
+    tmp = str(root / ".tmp-step-000001")
+    for name in ("__0_0.distcp", ".metadata.tmp", "rng/rank-00000.pt", "train_state.json.tmp", "config.yaml",
+                 "meta.json.tmp", "COMPLETE"):  # DCP's (sync_files) and ours
+        assert f"{tmp}/{name}" in synced, (name, synced)
+    assert synced.index(f"{tmp}/rng") < synced.index(tmp) < len(synced) - 1 - synced[::-1].index(str(root))
+    assert synced.index(f"{tmp}/COMPLETE") < synced.index(tmp)  # the marker, then its directory entry, then the rename
+
+
+# ------------------------------------------------------------------------------------------------------- RNG files
+
+
+def draws() -> tuple:
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), np.random.normal(), random.random(), random.gauss(0, 1)
+
+
+def test_rng_files_load_with_weights_only_and_restore_every_generator(tmp_path):
+    cfg = small_config()
+    root = tmp_path / "checkpoints"
+    with one_rank_group():
+        model, optimizer = small_model(cfg)
+        torch.manual_seed(1), np.random.seed(2), random.seed(3)
+        np.random.normal(), random.gauss(0, 1)  # the cached second Gaussians are part of the states too
+        checkpointer = Checkpointer(root, 0, rank=0, world_size=1)
+        path = mark_and_save(checkpointer, 1, model, optimizer, cfg)
+        expected = draws()
+        draws()
+        checkpointer.load(path, model, optimizer, cfg)
+        assert draws() == expected
+    state = torch.load(path / "rng/rank-00000.pt", weights_only=True)  # plain tensors, lists and numbers
+    assert set(state) >= {"cpu", "numpy", "python"}
+    assert json.loads((path / "meta.json").read_text())["rng_format"] == 2
+
+
+class _RunsCode:
+    """Unpickling this creates a file: what a hostile RNG file could do with weights_only=False."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def rewrite_rng_file(path: Path, state: dict, rng_format: int | None) -> None:
+    """Replace the checkpoint's RNG file, recording its new digest (and `rng_format`) in meta.json."""
+    rng_file = path / "rng/rank-00000.pt"
+    torch.save(state, rng_file)
+    meta = json.loads((path / "meta.json").read_text())
+    meta["files"]["rng/rank-00000.pt"] = file_digest(rng_file)
+    meta.pop("rng_format", None)
+    if rng_format is not None:
+        meta["rng_format"] = rng_format
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def test_old_pickled_rng_files_load_only_where_meta_says_the_old_format(tmp_path):
+    cfg = small_config()
+    root = tmp_path / "checkpoints"
+    save_steps(root, [1], keep_last=0)
+    path = root / "step-000001"
+    with one_rank_group():
+        model, optimizer = small_model(cfg)
+        random.seed(5), np.random.seed(6), torch.manual_seed(7)
+        old = {"cpu": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        expected = draws()
+        rewrite_rng_file(path, old, rng_format=None)  # a checkpoint from before rng_format: loads, RNG restored
+        Checkpointer(root, 0, rank=0, world_size=1).load(path, model, optimizer, cfg)
+        assert draws() == expected
+
+        rewrite_rng_file(path, old, rng_format=2)  # format 2 promises plain data: a pickled object is refused
+        with pytest.raises(CheckpointError) as err:
+            Checkpointer(root, 0, rank=0, world_size=1).load(path, model, optimizer, cfg)
+        assert_one_line_naming(err.value, path / "rng/rank-00000.pt", "cannot load")
+
+        marker = tmp_path / "code-ran"
+        rewrite_rng_file(path, {"cpu": _RunsCode(marker)}, rng_format=2)
+        with pytest.raises(CheckpointError, match="cannot load"):
+            Checkpointer(root, 0, rank=0, world_size=1).load(path, model, optimizer, cfg)
+        assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------------- disk full
+
+
+def _raise_enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def fill_disk(monkeypatch, where: str) -> None:
+    """Make the next save run out of space at `where`: in DCP's shard writes (after part of a shard), in this rank's RNG
+    file, or in rank 0's meta.json."""
+    if where == "shards":
+        def write_then_fail(transforms, stream, data, *args):
+            stream.write(b"\0" * 100)
+            _raise_enospc()
+
+        monkeypatch.setattr(dcp_filesystem, "_write_item", write_then_fail)
+    elif where == "rng":
+        real_write = ckpt._write_synced
+        monkeypatch.setattr(ckpt, "_write_synced", lambda path, write: (
+            _raise_enospc() if path.name.startswith("rank-") else real_write(path, write)))
+    else:
+        real_json = ckpt.atomic_write_json
+        monkeypatch.setattr(ckpt, "atomic_write_json", lambda path, data: (
+            _raise_enospc() if Path(path).name == "meta.json" else real_json(path, data)))
+
+
+def assert_previous_is_intact(root: Path, failed_step: int, previous_step: int) -> None:
+    assert not list(root.glob(".tmp-*")) and not (root / step_dir_name(failed_step)).exists()
+    assert find_latest(root) == root / step_dir_name(previous_step)
+    assert os.readlink(root / "latest") == step_dir_name(previous_step)
+    assert checkpoint_main(["verify", str(root.parent), str(previous_step)]) == 0
+
+
+@pytest.mark.parametrize("where", ["shards", "rng", "meta"])
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where):
+    cfg = small_config()
+    root = tmp_path / "checkpoints"
+    with one_rank_group():
+        model, optimizer = small_model(cfg)
+        checkpointer = Checkpointer(root, 1, rank=0, world_size=1)
+        mark_and_save(checkpointer, 2, model, optimizer, cfg)
+        with monkeypatch.context() as patch:
+            fill_disk(patch, where)
+            with pytest.raises(CheckpointError) as err:
+                mark_and_save(checkpointer, 3, model, optimizer, cfg)
+        assert str(err.value).startswith(f"disk full while saving step 3 to {root / 'step-000003'}; the previous "
+                                         f"checkpoint step 2 is intact ({root / 'step-000002'})")
+        assert "\n" not in str(err.value)
+        assert_previous_is_intact(root, 3, 2)
+        assert checkpointer.choose("latest") == root / "step-000002"
+        mark_and_save(checkpointer, 3, model, optimizer, cfg)  # space again: the same step saves
+    assert step_dirs(root) == ["step-000003"]
+
+
+# --------------------------------------------------------------------------- two ranks: rank 0 decides, all follow
+# Two spawned processes joined by a FileStore gloo group (no torchrun), so one rank can be handed a stale view of the
+# directory (a monkeypatched listing) while the other sees the truth. The group's timeout bounds every collective: a
+# rank left waiting for another fails within GROUP_TIMEOUT_S instead of hanging, and the test's own deadline is above it.
+
+GROUP_TIMEOUT_S = 20
+
+
+def two_ranks(scenario, *args, tmp_path: Path, deadline_s: float = 90) -> list[tuple[str, object]]:
+    """scenario(rank, *args) on two ranks: [(status, value)] by rank; an error's value is its one-line message."""
+    results = run_ranks(scenario, [args, args], tmp_path, timeout=deadline_s, group_timeout_s=GROUP_TIMEOUT_S)
+    return [(status, value if status == "ok" else value.splitlines()[0]) for status, value in results]
+
+
+def _two_rank_checkpointer(rank: int, root: Path, keep_last: int = 0) -> Checkpointer:
+    return Checkpointer(root, keep_last, rank=rank, world_size=2)
+
+
+def _save_two_ranks(rank: int, root: Path, steps: list[int]) -> None:
+    torch.set_num_threads(1)
+    cfg = small_config()
+    model, optimizer = small_model(cfg)
+    checkpointer = _two_rank_checkpointer(rank, root)
+    for step in steps:
+        mark_and_save(checkpointer, step, model, optimizer, cfg)
+
+
+def _resume_with_a_stale_listing(rank: int, root: Path) -> tuple:
+    """Rank 1's node still lists the directory as it was before step 2 was saved; rank 0 sees step 2."""
+    if rank == 1:
+        stale = [(1, root / "step-000001")]
+        ckpt.list_checkpoints = lambda _root: stale
+        ckpt.find_latest = lambda _root: stale[-1][1]
+    torch.set_num_threads(1)
+    cfg = small_config()
+    model, optimizer = small_model(cfg, seed=1)
+    checkpointer = _two_rank_checkpointer(rank, root)
+    chosen = checkpointer.choose("latest")
+    state = checkpointer.load(chosen, model, optimizer, cfg, verified=True)
+    return chosen.name, state["step"], float(model.norm.bias[0])
+
+
+def test_ranks_resume_from_rank_0s_choice_despite_a_stale_listing(tmp_path):
+    root = tmp_path / "checkpoints"
+    assert two_ranks(_save_two_ranks, root, [1, 2], tmp_path=tmp_path) == [("ok", None), ("ok", None)]
+    assert step_dirs(root) == ["step-000001", "step-000002"]
+    assert json.loads((root / "step-000002/meta.json").read_text())["world_size"] == 2
+    assert two_ranks(_resume_with_a_stale_listing, root, tmp_path=tmp_path) == [("ok", ("step-000002", 2, 2.0))] * 2
+
+
+def _save_with_a_stale_complete_marker(rank: int, root: Path) -> str:
+    """Rank 1 believes step 2 is already saved (e.g. it sees a stale copy); rank 0 knows it is not."""
+    if rank == 1:
+        ckpt.is_complete = lambda path: True
+    _save_two_ranks(rank, root, [2])
+    return "saved"
+
+
+def test_already_saved_is_decided_by_rank_0(tmp_path):
+    root = tmp_path / "checkpoints"
+    assert two_ranks(_save_with_a_stale_complete_marker, root, tmp_path=tmp_path) == [("ok", "saved")] * 2
+    assert step_dirs(root) == ["step-000002"] and checkpoint_main(["verify", str(tmp_path), "2"]) == 0
+
+
+def _errors_reach_every_rank(rank: int, root: Path, missing: str) -> list[str]:
+    """Rank 1 sees no checkpoints (stale) where rank 0 sees some; then a bad path; then a disk full on rank 1 alone."""
+    torch.set_num_threads(1)
+    cfg = small_config()
+    model, optimizer = small_model(cfg)
+    checkpointer = _two_rank_checkpointer(rank, root, keep_last=1)
+    real_list, real_write = ckpt.list_checkpoints, ckpt._write_synced
+    if rank == 1:
+        ckpt.list_checkpoints = lambda _root: []
+        ckpt.find_latest = lambda _root: None
+    errors = []
+    for spec in (None, missing):  # without --resume into a run_dir that has checkpoints; a path that does not exist
+        try:
+            checkpointer.choose(spec)
+        except CheckpointError as err:
+            errors.append(str(err))
+    if rank == 1:
+        ckpt.list_checkpoints = real_list
+        ckpt._write_synced = lambda path, write: _raise_enospc() if path.name == "rank-00001.pt" else real_write(path, write)
+    try:
+        mark_and_save(checkpointer, 3, model, optimizer, cfg)
+    except CheckpointError as err:
+        errors.append(str(err))
+    return errors
+
+
+def test_errors_reach_every_rank_as_the_same_line(tmp_path):
+    root = tmp_path / "checkpoints"
+    assert two_ranks(_save_two_ranks, root, [2], tmp_path=tmp_path) == [("ok", None), ("ok", None)]
+    missing = str(tmp_path / "nope")
+    results = two_ranks(_errors_reach_every_rank, root, missing, tmp_path=tmp_path)
+    assert results[0] == results[1], results
+    status, errors = results[0]
+    assert status == "ok" and len(errors) == 3, results
+    assert errors[0].startswith(f"{tmp_path} already holds checkpoints (latest: step-000002)")
+    assert errors[1] == f"checkpoint not found: {missing}"
+    assert errors[2].startswith(f"disk full while saving step 3 to {root / 'step-000003'}; the previous checkpoint step 2")
+    assert_previous_is_intact(root, 3, 2)

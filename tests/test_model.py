@@ -109,6 +109,21 @@ def test_rope_scores_depend_only_on_relative_offset():
     assert not torch.allclose(scores[0], plain, atol=1e-2)
 
 
+def test_blocks_get_fp32_rope_tables_when_the_weights_are_bf16():
+    """The tables are computed in fp32 and reach every block as such (bf16 would round the angles); the residual stream
+    runs in the weights' dtype."""
+    from smollm2.model import Attention
+
+    model = make_model().to(torch.bfloat16).eval()
+    seen = []
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.register_forward_pre_hook(lambda mod, args: seen.append(tuple(a.dtype for a in args[:3])))
+    with torch.no_grad():
+        model(torch.randint(0, 50000, (1, 8)))
+    assert seen == [(torch.bfloat16, torch.float32, torch.float32)] * TINY.n_layer
+
+
 def test_rope_rotate_half_convention():
     x = torch.zeros(1, 1, 1, 4)
     x[..., 0] = 1.0  # pairs are (0, 2) and (1, 3)

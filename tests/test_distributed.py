@@ -1,0 +1,136 @@
+"""smollm2.distributed and what the process group decides, on CPU: the device index, the rank placement table, the shared
+run_dir check, and the RoPE tables' dtype under FSDP2 mixed precision at world sizes 1 and 2.
+
+Several ranks run as spawned processes joined by a FileStore gloo group (no torchrun), so each rank can be handed
+different arguments, e.g. a different run_dir."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import multirank  # tests/ helper
+import pytest
+import torch
+import torch.distributed as dist
+
+from smollm2.distributed import DistEnv, check_shared_dir, describe_ranks, device_index, format_placement
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_ranks(fn, args_per_rank: list[tuple], tmp_path: Path, timeout: float = 60) -> list[tuple[str, object]]:
+    """fn(env, *args_per_rank[rank]) on len(args_per_rank) gloo ranks (CPU): [(status, result or message)] by rank."""
+    return multirank.run_ranks(partial(_with_env, fn), args_per_rank, tmp_path, timeout=timeout)
+
+
+def _with_env(fn, rank: int, *args):
+    return fn(DistEnv(rank, dist.get_world_size(), rank, torch.device("cpu")), *args)
+
+
+# ------------------------------------------------------------------------------------------------------- device index
+
+
+def test_device_index_is_local_rank_modulo_visible_gpus():
+    assert [device_index(r, 8) for r in range(8)] == list(range(8))  # torchrun: every rank sees the node's GPUs
+    assert [device_index(r, 1) for r in range(8)] == [0] * 8  # SLURM per-task binding: each rank sees only its own
+    assert [device_index(r, 2) for r in range(4)] == [0, 1, 0, 1]  # two GPUs per task
+    with pytest.raises(ValueError):
+        device_index(0, 0)
+
+
+# ------------------------------------------------------------------------------------------------- placement table
+
+
+def test_placement_table_lists_every_rank_and_flags_shared_gpus():
+    places = [{"rank": r, "local_rank": r % 2, "host": f"node{r // 2}", "device": "cuda:0", "pci_bus_id": bus,
+               "visible": str(r % 2)}
+              for r, bus in enumerate(["00000000:1B:00.0", "00000000:1C:00.0", "00000000:1B:00.0", "00000000:1B:00.0"])]
+    lines = format_placement(list(reversed(places)))  # all_gather order is rank order; the table does not rely on it
+    assert lines[0].split() == ["rank", "local", "host", "device", "pci", "bus", "id", "CUDA_VISIBLE_DEVICES"]
+    assert [line.split()[:5] for line in lines[1:5]] == [[str(r), str(r % 2), f"node{r // 2}", "cuda:0", p["pci_bus_id"]]
+                                                         for r, p in enumerate(places)]
+    # ranks 0 and 1 are on different GPUs of node0 (different bus ids); ranks 2 and 3 landed on one GPU of node1
+    assert lines[5:] == ["warning: ranks 2-3 share the GPU 00000000:1B:00.0 on host node1: more ranks per node than "
+                         "visible GPUs"]
+
+
+def _describe(env):
+    return describe_ranks(env)
+
+
+def test_describe_ranks_gathers_one_line_per_rank(tmp_path):
+    import socket
+
+    (s0, lines0), (s1, lines1) = run_ranks(_describe, [(), ()], tmp_path)
+    assert s0 == s1 == "ok", (lines0, lines1)
+    assert lines0 == lines1  # the same table on every rank (rank 0 prints it)
+    assert lines0[0].split() == ["rank", "local", "host", "device"]
+    assert [line.split() for line in lines0[1:]] == [["0", "0", socket.gethostname(), "cpu"],
+                                                     ["1", "1", socket.gethostname(), "cpu"]]
+
+
+# -------------------------------------------------------------------------------------------------- shared run_dir
+
+
+def _check(env, run_dir):
+    if env.is_main:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    check_shared_dir(run_dir, env, wait_s=0.5)
+
+
+def test_shared_run_dir_passes_and_leaves_nothing_behind(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_ranks(_check, [(str(run_dir),), (str(run_dir),)], tmp_path) == [("ok", None), ("ok", None)]
+    assert list(run_dir.iterdir()) == []  # rank 0 removed the token file once every rank had looked
+
+
+def test_run_dir_not_shared_stops_every_rank_with_one_line(tmp_path):
+    import socket
+
+    # rank 1 is given another directory, as a node-local path on another node would be
+    (tmp_path / "node1").mkdir()
+    results = run_ranks(_check, [(str(tmp_path / "node0/run"),), (str(tmp_path / "node1/run"),)], tmp_path)
+    expected = (f"train.run_dir {tmp_path / 'node0/run'} is not shared by all ranks: rank(s) 1 on host "
+                f"{socket.gethostname()} cannot see rank 0's files; put it on a filesystem every node mounts")
+    for status, message in results:
+        assert status == "UserError"
+        assert message.splitlines()[0] == expected
+
+
+# ------------------------------------------------------------------------------------------ RoPE tables under FSDP2
+
+
+def _rope_dtypes(env, wrap):
+    """Build the training model as train does (bf16, the given FSDP units), run a forward + backward, and return the
+    dtypes every Attention saw for x, cos and sin, and the loss."""
+    from smollm2.config import load_config
+    from smollm2.model import Attention
+    from smollm2.parallelize import build_model
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["train.dtype=bf16", f"train.fsdp_wrap={wrap}"])
+    model = build_model(cfg, env)
+    seen = set()
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.register_forward_pre_hook(lambda mod, args: seen.add(tuple(str(a.dtype) for a in args[:3])))
+    idx = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    loss = model(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    return sorted(seen), loss.item()
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_rope_tables_stay_fp32_under_bf16_at_every_world_size_and_fsdp_layout(tmp_path, world_size):
+    """Per-block FSDP units used to cast the blocks' float inputs, the cos/sin tables included, to bf16; one root unit
+    did not: 1 GPU and 8 GPUs trained different numerics. Now every layout hands the blocks fp32 tables."""
+    by_wrap = {}
+    for wrap in ("block", "root"):
+        results = run_ranks(_rope_dtypes, [(wrap,)] * world_size, tmp_path / wrap)
+        for status, value in results:
+            assert status == "ok", value
+            dtypes, loss = value
+            assert dtypes == [("torch.bfloat16", "torch.float32", "torch.float32")], (wrap, dtypes)
+        by_wrap[wrap] = [loss for _, (_, loss) in results]
+    # and with the same inputs the two layouts compute the same loss (each rank ran the same batch)
+    assert by_wrap["block"] == by_wrap["root"]
