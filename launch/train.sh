@@ -7,6 +7,18 @@
 #
 # NPROC: ranks on this node (default: the number of GPUs, or 1 without CUDA). Multi-node: use launch/slurm.sbatch.
 # Extra key=value arguments go to both phases. Exits non-zero, naming the phase, if either phase does not complete.
+#
+# Stopping: SIGTERM or SIGUSR1, sent to this script or to torchrun, reaches every rank; they checkpoint at their next log
+# step and the script exits 75 (the stop code, not a failure) saying "stopped at step N by a signal; rerun to continue".
+# Rerunning it continues. After forwarding a signal torchrun waits SMOLLM2_STOP_GRACE_S seconds (default 300) for the
+# ranks to exit, then SIGKILLs them: keep it above a log interval plus a checkpoint (a seed-model save: ~5 s).
+#
+# What torchrun can do depends on the torch version (read from `torchrun --help` below):
+#   torch >= 2.12  --signals-to-handle (forwards SIGUSR1 too) and --shutdown-timeout (the grace period) are passed.
+#   torch 2.10-11  --signals-to-handle only; the grace period is fixed at 30 s (SimpleElasticAgent._shutdown's default).
+#   torch <= 2.9   neither: torchrun forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT only, with 30 s. SIGUSR1 sent to this script
+#                  is passed on as SIGTERM (the trainer treats both alike); SIGUSR1 sent to torchrun itself kills it.
+# (TORCHELASTIC_SIGNALS_TO_HANDLE is no fallback: the versions that read it also overwrite it with the flag's value.)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/env.sh"
@@ -20,16 +32,57 @@ P1=${PHASE1_STEPS:-5000}
 P2=${PHASE2_STEPS:-5050}
 # The run dir the trainer will use (config + overrides); a bad config stops here with its one-line error (exit 2).
 run_dir=$($PYTHON -m smollm2.checkpoint run-dir "$config" "$@")
-launcher=(torchrun --standalone --nproc_per_node="$NPROC")
-# shellcheck disable=SC2206  # unquoted on purpose, as everywhere here: PYTHON may carry flags ("python -X dev")
-[ "$NPROC" = "1" ] && launcher=($PYTHON)
+STOP_CODE=75  # smollm2.errors.STOP_EXIT_CODE
+usr1_as=USR1  # the signal this script passes on when it receives SIGUSR1 (see the versions above)
+if [ "$NPROC" = "1" ]; then
+  # shellcheck disable=SC2206  # unquoted on purpose, as everywhere here: PYTHON may carry flags ("python -X dev")
+  launcher=($PYTHON)  # one process, no torchrun: the trainer gets the signals itself
+else
+  launcher=(torchrun --standalone --nproc_per_node="$NPROC")
+  # torchrun forwards only SIGTERM, SIGINT, SIGHUP and SIGQUIT by default: SIGUSR1 (SLURM's warning signal) kills it at
+  # once (exit 138) and orphans the ranks, which never hear of it.
+  torchrun_help=$(torchrun --help 2>/dev/null || true)
+  if grep -q -- "--signals-to-handle" <<<"$torchrun_help"; then
+    launcher+=("--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+  else
+    usr1_as=TERM
+  fi
+  if grep -q -- "--shutdown-timeout" <<<"$torchrun_help"; then
+    launcher+=(--shutdown-timeout="${SMOLLM2_STOP_GRACE_S:-300}")
+  fi
+fi
 
 phase() {  # phase NAME STEPS [extra args...]
   local name=$1 steps=$2
   shift 2
   echo "=== $name: train to step $steps on $NPROC rank(s), run dir $run_dir ==="
-  if ! "${launcher[@]}" -m smollm2.train --config "$config" "$@" "train.max_steps=$steps"; then
-    echo "FAILED: $name did not complete (the trainer exited non-zero); see the log above" >&2
+  rm -f "$run_dir/STOPPED"  # left by an earlier stop; the trainer writes it anew if this run is stopped
+  # In the background, so that a signal to this script is passed on (bash would die of SIGUSR1 and orphan the job).
+  "${launcher[@]}" -m smollm2.train --config "$config" "$@" "train.max_steps=$steps" &
+  local child=$! rc=0
+  trap 'kill -s "$usr1_as" "$child" 2>/dev/null || true' USR1
+  trap 'kill -s TERM "$child" 2>/dev/null || true' TERM
+  while :; do  # wait returns early (> 128) when a trapped signal arrives: wait again until the launcher has exited
+    rc=0
+    wait "$child" || rc=$?
+    kill -0 "$child" 2>/dev/null || break
+  done
+  trap - USR1 TERM
+  # A stop: the trainer exits 75, but torchrun exits 1 whatever its ranks did (and when it got the signal itself), so the
+  # marker the ranks leave (STOPPED, with the step) is what tells a stop from a failure.
+  if [ -f "$run_dir/STOPPED" ] || [ "$rc" -eq "$STOP_CODE" ]; then
+    local at
+    at=$(cat "$run_dir/STOPPED" 2>/dev/null || true)
+    # A stop at step > 0 left (or resumed from) a checkpoint at that step: the rerun starts there, so check it now.
+    if [[ ! $at =~ ^[0-9]+$ ]] || { [ "$at" -gt 0 ] && ! $PYTHON -m smollm2.checkpoint verify "$run_dir" "$at" >/dev/null; }; then
+      echo "FAILED: $name was stopped by a signal but left no verified checkpoint at step ${at:-?} (exit $rc)" >&2
+      exit 1
+    fi
+    echo "stopped at step $at by a signal; rerun to continue" >&2
+    exit "$STOP_CODE"
+  fi
+  if [ "$rc" -ne 0 ]; then
+    echo "FAILED: $name did not complete (the trainer exited $rc); see the log above" >&2
     exit 1
   fi
   if ! $PYTHON -m smollm2.checkpoint verify "$run_dir" "$steps"; then

@@ -10,6 +10,13 @@ import os
 import sys
 from collections.abc import Callable
 
+# Exit status of a run stopped by SIGTERM / SIGUSR1 after its checkpoint (or before its first step): not a failure,
+# rerun to continue. 75 is EX_TEMPFAIL ("try again later"). launch/train.sh exits with it; launch/slurm.sbatch requeues.
+STOP_EXIT_CODE = 75
+# Written to <run_dir> by rank 0 on such a stop (with the step): torchrun reports any non-zero worker exit as its own
+# exit 1, so the launch scripts read this marker to tell a stop from a failure.
+STOP_MARKER = "STOPPED"
+
 
 class UserError(Exception):
     """A problem the user can fix; the message names it and, where possible, the fix."""

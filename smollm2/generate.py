@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from smollm2.config import GenerateConfig
+from smollm2.errors import UserError
 from smollm2.model import KVCache, SmolLM
 from smollm2.tokenizer import EOS_ID, PAD_ID, get_tokenizer
 
@@ -56,7 +57,8 @@ def generate(
     device: torch.device | str = "cpu",
     use_cache: bool = True,
 ) -> list[int]:
-    """New token ids after the prompt (EOS excluded), at most cfg.max_new_tokens.
+    """New token ids after the prompt (EOS excluded), at most cfg.max_new_tokens and at most what fits in the context
+    (model.max_seq_len): a prompt that fills the context gets none (main() refuses such a prompt up front).
 
     Under torch.distributed every rank must call this (FSDP forwards are collective); rank 0's token is broadcast so all
     ranks decode the same sequence."""
@@ -113,11 +115,20 @@ def main(argv: list[str] | None = None) -> int:
 
     validate(cfg)
     tok = get_tokenizer()
+    prompts = [(prompt, tok.encode(prompt)) for prompt in args.prompt or cfg.sample.prompts]
+    context = model.cfg.max_seq_len
+    # generate() would return nothing for such a prompt (no room left in the context), which looks like a model that
+    # stopped at once; all are checked before any output, so there are no partial results either.
+    for prompt, ids in prompts:
+        if len(ids) >= context:
+            shown = repr(prompt[:40]) + ("..." if len(prompt) > 40 else "")
+            raise UserError(f"the prompt {shown} is {len(ids):,} tokens; the model's context (model.max_seq_len) is "
+                            f"{context:,}: shorten it to under {context:,} tokens")
     print(f"# step {step}, T={gen.temperature} top-k={gen.top_k} top-p={gen.top_p} max {gen.max_new_tokens} tokens",
           file=sys.stderr)
-    for i, prompt in enumerate(args.prompt or cfg.sample.prompts):
+    for i, (prompt, ids) in enumerate(prompts):
         start = time.perf_counter()
-        out = generate(model, tok.encode(prompt), dataclasses.replace(gen, seed=gen.seed + i), device=device)
+        out = generate(model, ids, dataclasses.replace(gen, seed=gen.seed + i), device=device)
         took = time.perf_counter() - start
         print(f"{prompt}{tok.decode(out)}")
         print(f"# {len(out)} tokens in {took:.2f}s", file=sys.stderr)

@@ -25,7 +25,9 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
 MAX_TOKENS = 2**31 - 1  # the count is an int32
-_CHECK_BLOCK = 1 << 24  # tokens scanned per step by a checked read (32 MB)
+# Tokens scanned per step by a checked open (32 MB): a block's max() allocates nothing, a whole-file comparison would
+# allocate a byte per token (10 GB for FineWeb 10B); and the pages of a block already scanned can be reclaimed.
+_CHECK_BLOCK = 1 << 24
 
 
 def make_header(num_tokens: int) -> bytes:
@@ -57,10 +59,11 @@ def read_header(path: str | Path) -> int:
     if count < 0:
         raise DataError(f"shard {path}: negative token count {count} in the header")
     expected = HEADER_BYTES + 2 * count
+    fix = "an interrupted copy or download? copy it again, or re-prepare it with `python -m data_prep`"
     if size < expected:
-        raise DataError(f"shard {path}: truncated: {size:,} bytes, the header's {count:,} tokens need {expected:,}")
+        raise DataError(f"shard {path}: truncated: {size:,} bytes, the header's {count:,} tokens need {expected:,}: {fix}")
     if size > expected:
-        raise DataError(f"shard {path}: oversized: {size:,} bytes, the header's {count:,} tokens need {expected:,}")
+        raise DataError(f"shard {path}: oversized: {size:,} bytes, the header's {count:,} tokens need {expected:,}: {fix}")
     return count
 
 
@@ -76,14 +79,17 @@ def open_shard(path: str | Path, vocab_size: int | None = None) -> np.memmap:
 
 
 def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str) -> None:
-    """DataError at the first token id >= vocab_size (scanned in blocks, so a memmap is never read whole)."""
+    """DataError at the first token id >= vocab_size, naming it and its position (token index in the shard).
+
+    Scanned in blocks, so a memmap is never read whole into memory: ~0.06 s per GB from the page cache, ~0.5-1.2 s per
+    GB from disk (measured on a 1 GB shard, 2-core VM)."""
     for start in range(0, len(tokens), _CHECK_BLOCK):
         block = np.asarray(tokens[start : start + _CHECK_BLOCK])
         if block.size and int(block.max()) >= vocab_size:
-            bad = start + int(np.argmax(block >= vocab_size))
+            bad = start + int(np.argmax(block >= vocab_size))  # the first one, only on the (rare) failing block
             raise DataError(
                 f"shard {where}: token id {int(tokens[bad])} at position {bad:,} is >= the vocab size {vocab_size}: "
-                "the shard was made with another tokenizer"
+                "it was made with another tokenizer, or damaged; re-tokenize it with `python -m data_prep`"
             )
 
 

@@ -25,7 +25,7 @@ from smollm2.checkpoint import Checkpointer
 from smollm2.config import Config, WandbMode, load_config, to_dict, to_yaml
 from smollm2.data import Dataset, TrainLoader, ValWindows
 from smollm2.distributed import DistEnv, check_shared_dir, describe_ranks, init_distributed, shutdown
-from smollm2.errors import UserError
+from smollm2.errors import STOP_EXIT_CODE, STOP_MARKER, UserError
 from smollm2.generate import generate
 from smollm2.metrics import (
     ConsoleSink,
@@ -52,6 +52,7 @@ class TrainState:
     step: int = 0  # completed optimizer steps
     tokens_seen: int = 0
     logger_run_id: str | None = None
+    stopped_by_signal: bool = False  # this process's run ended on a stop request (not saved in checkpoints)
 
 
 def _value(tensor) -> float:
@@ -65,7 +66,9 @@ def _log(env: DistEnv, message: str) -> None:
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (SLURM preemption, `scancel --signal`): checkpoint at the next log step and exit cleanly."""
+    """SIGTERM / SIGUSR1 (SLURM preemption, `scancel --signal`, torchrun forwarding): checkpoint at the next log step and
+    exit with STOP_EXIT_CODE. Installed first thing in `main`, so a signal during setup (data, model, checkpoint load,
+    WandB) is not fatal: the run stops before its first step instead, without a checkpoint."""
 
     def __init__(self):
         self.requested = False
@@ -124,11 +127,18 @@ def _write_samples(model, cfg: Config, env: DistEnv, step: int, metrics: Metrics
         metrics.log("sample", {"step": step, "prompt": prompt, "text": tok.decode(ids), "tokens": len(ids)})
 
 
-def train(cfg: Config, env: DistEnv) -> TrainState:
+def mark_stopped(run_dir: Path, env: DistEnv, step: int) -> None:
+    """Rank 0 leaves STOP_MARKER (read by launch/*.sh); a barrier, so no rank exits before it is written."""
+    if env.is_main:
+        (run_dir / STOP_MARKER).write_text(f"{step}\n")
+    dist.barrier()
+
+
+def train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainState:
     run_dir = Path(cfg.train.run_dir)
     check_shared_dir(run_dir, env)  # creates it; a node-local run_dir would fail only at the first checkpoint
     if env.is_main:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        (run_dir / STOP_MARKER).unlink(missing_ok=True)  # a marker describes the run that wrote it, not this one
     torch.manual_seed(cfg.train.seed + env.rank)
 
     dataset = Dataset.open(cfg.data.path, cfg.model.vocab_size)
@@ -158,6 +168,8 @@ def train(cfg: Config, env: DistEnv) -> TrainState:
             for change in schedule.changes_from(saved.get("schedule", {})):
                 _log(env, f"warning: the LR schedule differs from the checkpoint's ({change}): the curve will jump")
             _log(env, f"resumed from {path} at step {state.step} (world size {env.world_size})")
+    if env.is_main:  # only now: a refused start (bad data, another model shape) leaves the run's config as it was
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
     n_params = model.num_params()
     tokens_per_step = micro * accum * env.world_size * seq_len
@@ -194,7 +206,14 @@ def train(cfg: Config, env: DistEnv) -> TrainState:
         path = checkpointer.save(state.step, model, optimizer, train_state, cfg, final=final)
         _log(env, f"checkpoint {path} ({time.perf_counter() - start:.1f}s)")
 
-    stop = StopRequest()
+    stop = stop or StopRequest()
+    if stop.agreed(env.device):  # a signal during setup: nothing trained since the last checkpoint, nothing to save
+        _log(env, f"stop requested (signal) before the first step: exiting at step {state.step} without a checkpoint")
+        mark_stopped(run_dir, env, state.step)
+        loader.close()
+        metrics.close()
+        state.stopped_by_signal = True
+        return state
     loss_sum = torch.zeros((), device=env.device)
     grad_norm = torch.zeros((), device=env.device)
     steps_since_log = 0
@@ -228,6 +247,8 @@ def train(cfg: Config, env: DistEnv) -> TrainState:
                 if stop.agreed(env.device):
                     _log(env, f"stop requested (signal): checkpointing at step {step} and exiting")
                     save()
+                    mark_stopped(run_dir, env, step)
+                    state.stopped_by_signal = True
                     return state
             with throughput.paused():
                 if val is not None and cfg.eval.interval and (step % cfg.eval.interval == 0 or last):
@@ -243,6 +264,7 @@ def train(cfg: Config, env: DistEnv) -> TrainState:
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop = StopRequest()  # first: a preemption signal during setup must not kill the rank
     parser = argparse.ArgumentParser(prog="python -m smollm2.train", description="Train (torchrun for several ranks).")
     parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/smollm2_135.yaml")
     parser.add_argument("--resume", help="latest | a checkpoint directory (same as train.resume=...)")
@@ -252,10 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, overrides)
     env = init_distributed(cfg.train.device)
     try:
-        train(cfg, env)
+        state = train(cfg, env, stop)
     finally:
         shutdown()
-    return 0
+    return STOP_EXIT_CODE if state.stopped_by_signal else 0
 
 
 if __name__ == "__main__":

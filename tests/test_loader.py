@@ -183,3 +183,34 @@ def test_errors_say_how_to_fix(tmp_path, dataset_dir):
     (dataset_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="listed in .* but missing"):
         Dataset.open(dataset_dir)
+
+
+def test_llmc_shard_with_an_id_beyond_the_vocab_is_refused_on_open(tmp_path):
+    """No manifest vouches for an llm.c directory's ids: an id >= the vocab is one line naming the file, the id and its
+    offset when the dataset is opened, not an IndexError in the embedding later."""
+    tokens = np.arange(1000, dtype=np.uint16) % 50257
+    tokens[737] = 50300
+    write_shard(tmp_path / "fineweb_train_000001.bin", tokens)
+    write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(100, dtype=np.uint16))
+    with pytest.raises(DataError) as err:
+        Dataset.open(tmp_path, vocab_size=50258)
+    message = str(err.value)
+    assert "\n" not in message and "fineweb_train_000001.bin" in message
+    assert "token id 50300 at position 737 is >= the vocab size 50258" in message
+
+
+def test_a_manifest_shard_changed_after_prep_is_refused_on_open(tmp_path):
+    """A manifest vouches for the ids data_prep wrote, not for a shard replaced since (same size, so the header and
+    size checks pass): the open-time scan covers manifest datasets too."""
+    write_shard(tmp_path / "train_000000.bin", np.arange(500, dtype=np.uint16))
+    write_shard(tmp_path / "val_000000.bin", np.arange(100, dtype=np.uint16))
+    manifest = {"format_version": 1, "tokenizer": {"vocab_size": 50258},
+                "shards": [{"file": "train_000000.bin", "split": "train", "tokens": 500, "sha256": "0"},
+                           {"file": "val_000000.bin", "split": "val", "tokens": 100, "sha256": "0"}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert Dataset.open(tmp_path).train_tokens == 500
+    tokens = np.arange(100, dtype=np.uint16)
+    tokens[42] = 65535
+    write_shard(tmp_path / "val_000000.bin", tokens)
+    with pytest.raises(DataError, match=r"val_000000.bin: token id 65535 at position 42 is >= the vocab size 50258"):
+        Dataset.open(tmp_path)

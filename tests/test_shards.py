@@ -113,3 +113,17 @@ def test_validate_checks_count_and_sha256(tmp_path):
     with pytest.raises(DataError, match="does not match the manifest"):
         validate_shard(path, 50258, sha256="0" * 64)
     assert MAGIC == 20240520
+
+
+def test_the_id_scan_reports_the_first_bad_id_in_any_block(tmp_path, monkeypatch):
+    """The scan goes block by block (memory stays bounded); the position is the token index in the whole shard."""
+    import smollm2.shards
+
+    monkeypatch.setattr(smollm2.shards, "_CHECK_BLOCK", 64)
+    tokens = np.arange(1000, dtype=np.uint16) % 50257
+    tokens[[700, 900]] = 50258, 65535
+    path = tmp_path / "s.bin"
+    write_shard(path, tokens)
+    with pytest.raises(DataError, match=r"token id 50258 at position 700 is >= the vocab size 50258"):
+        open_shard(path, vocab_size=50258)
+    open_shard(path, vocab_size=65536)  # a larger vocab covers every uint16

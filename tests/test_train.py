@@ -12,6 +12,7 @@ import torch
 
 from smollm2.checkpoint import checkpoint_step, find_latest, load_model_for_inference
 from smollm2.data import Dataset, ValWindows
+from smollm2.errors import STOP_EXIT_CODE, STOP_MARKER
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,7 +218,8 @@ def test_generate_cli_from_a_checkpoint(straight):
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(shakespeare_data, tmp_path):
-    """Preemption (SLURM sends SIGTERM/SIGUSR1): save at the next log step, exit 0; a resume continues from there."""
+    """Preemption (SLURM sends SIGTERM/SIGUSR1): save at the next log step, exit with the stop code (75) and leave the
+    STOPPED marker with that step; a resume continues from there (and clears the marker)."""
     import signal
     import time
 
@@ -246,15 +248,16 @@ def test_sigterm_checkpoints_and_exits_cleanly(shakespeare_data, tmp_path):
         proc.kill()
         out, err = proc.communicate(timeout=60)
         pytest.fail(f"trainer still running 120 s after SIGTERM:\n{out[-2000:]}\n{err[-3000:]}")
-    assert proc.returncode == 0, err
+    assert proc.returncode == STOP_EXIT_CODE, err
     assert "stop requested (signal): checkpointing at step" in out
     saved = find_latest(run / "checkpoints")
     step = checkpoint_step(saved)
     assert 2 <= step < 500 and records(run)[-1]["step"] == step
+    assert (run / STOP_MARKER).read_text() == f"{step}\n"
     resumed = subprocess.run([*cmd[:-4], "train.max_steps=" + str(step + 2), "--resume", "latest"], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0 and f"at step {step} " in resumed.stdout
-    assert find_latest(run / "checkpoints").name == f"step-{step + 2:06d}"
+    assert find_latest(run / "checkpoints").name == f"step-{step + 2:06d}" and not (run / STOP_MARKER).exists()
 
 
 def test_activation_checkpointing_and_fsdp_units_do_not_change_the_math(shakespeare_data, tmp_path):

@@ -1,0 +1,194 @@
+"""Stopping a run with a signal, end to end: trainer -> torchrun -> launch/train.sh. A stop checkpoints at the next log
+step, exits with the stop code (75), leaves no rank behind, and a rerun continues. Every wait has a deadline."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from smollm2.checkpoint import list_checkpoints
+from smollm2.errors import STOP_EXIT_CODE, STOP_MARKER
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.d_mlp=64", "data.seq_len=16",
+         "data.micro_batch=2", "train.grad_accum=1", "train.dtype=fp32", "logging.interval=2", "eval.interval=0",
+         "sample.interval=0", "checkpoint.interval=0", "data.prefetch=0"]
+
+
+def launch_env(nproc: int, phase1: int, phase2: int) -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)  # torchrun of this interpreter
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "NPROC": str(nproc),
+            "PHASE1_STEPS": str(phase1), "PHASE2_STEPS": str(phase2), "SMOLLM2_STOP_GRACE_S": "60"}
+
+
+def logged_steps(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not condition():
+        time.sleep(0.1)
+    if not condition():
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"{what} did not happen in {timeout} s (exit {proc.returncode}):\n{out[-2000:]}\n{err[-3000:]}")
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"still running {timeout} s after the signal:\n{out[-2000:]}\n{err[-3000:]}")
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def train_sh(run: Path, data: Path, nproc: int, phase1: int, phase2: int) -> subprocess.Popen:
+    return subprocess.Popen(["launch/train.sh", "configs/tiny.yaml", *SMALL, f"data.path={data}", f"train.run_dir={run}"],
+                            cwd=ROOT, env=launch_env(nproc, phase1, phase2), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def assert_stopped(run: Path, err: str) -> int:
+    step = int((run / STOP_MARKER).read_text())
+    assert f"stopped at step {step} by a signal; rerun to continue" in err, err[-3000:]
+    assert list_checkpoints(run / "checkpoints")[-1][0] == step and step >= 2
+    return step
+
+
+def alive(pid: int) -> bool:
+    """pid is a running process (a zombie, exited but not yet reaped by its parent, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_usr1_to_torchrun_checkpoints_exits_with_the_stop_code_and_a_rerun_continues(shakespeare_data, tmp_path):
+    """torchrun forwards SIGUSR1 (by default it died of it at once, exit 138, orphaning the ranks); train.sh reports the
+    stop (torchrun itself exits 1) with the stop code; rerunning train.sh finishes both phases."""
+    run = tmp_path / "run"
+    # 100 steps take ~7 s here: the stop (at step ~6, 0.1 s after the signal) comes long before; the rerun stays short.
+    phases = {"nproc": 2, "phase1": 100, "phase2": 102}
+    proc = train_sh(run, shakespeare_data, **phases)
+    wait_for(lambda: logged_steps(run) >= 2, proc, "two logged steps")
+    (torchrun,) = children(proc.pid)
+    workers = children(torchrun)
+    assert len(workers) == 2, workers
+    assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in cmdline(torchrun)
+    assert "--shutdown-timeout=60" in cmdline(torchrun)  # SMOLLM2_STOP_GRACE_S
+    os.kill(torchrun, signal.SIGUSR1)
+    out, err = finish(proc)
+    assert proc.returncode == STOP_EXIT_CODE, err[-3000:]
+    step = assert_stopped(run, err)
+    assert step < 100
+    # No rank left running: the workers and torchrun are gone (train.sh waited for torchrun, which reaped them).
+    assert [pid for pid in [torchrun, *workers] if alive(pid)] == []
+    assert processes_mentioning(str(run)) == []
+    rerun = subprocess.run(["launch/train.sh", "configs/tiny.yaml", *SMALL, f"data.path={shakespeare_data}",
+                            f"train.run_dir={run}"], cwd=ROOT, env=launch_env(**phases), capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from {run}/checkpoints/step-{step:06d} at step {step}" in rerun.stdout
+    assert "both phases verified" in rerun.stdout and not (run / STOP_MARKER).exists()
+
+
+def test_usr1_to_train_sh_is_passed_on(shakespeare_data, tmp_path):
+    """A signal to the script itself (one rank: no torchrun) reaches the trainer instead of killing the script."""
+    run = tmp_path / "run"
+    proc = train_sh(run, shakespeare_data, nproc=1, phase1=2000, phase2=2002)
+    wait_for(lambda: logged_steps(run) >= 2, proc, "two logged steps")
+    os.kill(proc.pid, signal.SIGUSR1)
+    out, err = finish(proc)
+    assert proc.returncode == STOP_EXIT_CODE, err[-3000:]
+    assert assert_stopped(run, err) < 2000
+    assert processes_mentioning(str(run)) == []
+
+
+def test_usr1_to_train_sh_with_an_old_torchrun_is_passed_on_as_sigterm(shakespeare_data, tmp_path):
+    """torch <= 2.9: torchrun has no --signals-to-handle and would die of SIGUSR1, so train.sh passes the SIGUSR1 it
+    receives on as SIGTERM, which every torchrun forwards. Simulated by a torchrun whose --help lacks the flags."""
+    fake = tmp_path / "bin" / "torchrun"
+    fake.parent.mkdir()
+    real = Path(sys.executable).parent / "torchrun"
+    fake.write_text(f'#!/usr/bin/env bash\n[ "${{1:-}}" = --help ] && {{ echo "usage: torchrun [--standalone]"; exit 0; }}\n'
+                    f'exec "{real}" "$@"\n')
+    fake.chmod(0o755)
+    run = tmp_path / "run"
+    env = launch_env(2, 150, 152)
+    env["PATH"] = f"{fake.parent}:{env['PATH']}"
+    proc = subprocess.Popen(["launch/train.sh", "configs/tiny.yaml", *SMALL, f"data.path={shakespeare_data}",
+                             f"train.run_dir={run}"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    wait_for(lambda: logged_steps(run) >= 2, proc, "two logged steps")
+    (torchrun,) = children(proc.pid)
+    assert "--signals-to-handle" not in cmdline(torchrun) and "--shutdown-timeout" not in cmdline(torchrun)
+    os.kill(proc.pid, signal.SIGUSR1)
+    out, err = finish(proc)
+    assert proc.returncode == STOP_EXIT_CODE, err[-3000:]
+    assert "Received 15 death signal" in err  # torchrun got SIGTERM (signal 15), not SIGUSR1
+    assert assert_stopped(run, err) < 150
+    assert processes_mentioning(str(run)) == []
+
+
+def handles_usr1(pid: int) -> bool:
+    """The process has installed a SIGUSR1 handler (SigCgt in /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught & (1 << (signal.SIGUSR1 - 1)))
+
+
+def test_signal_during_setup_stops_before_the_first_step_without_a_checkpoint(shakespeare_data, tmp_path):
+    """The handlers are installed before data, model and checkpoint setup: a signal then (as soon as the process can
+    take it) is not fatal; the run exits with the stop code before its first step and writes no checkpoint."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "smollm2.train", "--config", "configs/tiny.yaml", *SMALL,
+                             f"data.path={shakespeare_data}", f"train.run_dir={run}", "train.max_steps=50"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(lambda: handles_usr1(proc.pid), proc, "a SIGUSR1 handler", timeout=60)
+    os.kill(proc.pid, signal.SIGUSR1)
+    out, err = finish(proc)
+    assert proc.returncode == STOP_EXIT_CODE, err[-3000:]
+    assert "stop requested (signal) before the first step: exiting at step 0 without a checkpoint" in out
+    assert list_checkpoints(run / "checkpoints") == [] and logged_steps(run) == 0  # no step ran
+    assert (run / STOP_MARKER).read_text() == "0\n"
