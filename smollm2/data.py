@@ -326,6 +326,3 @@ class ValWindows:
     def rank_windows(self, rank: int, world_size: int) -> torch.Tensor:
         """int64 [n_r, seq_len + 1]: windows rank, rank + world_size, ... ."""
         return self.windows[rank::world_size]
-
-
-__all__ = ["Dataset", "TokenStream", "TrainLoader", "ValWindows", "windows_in"]
