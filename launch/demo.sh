@@ -28,4 +28,6 @@ echo "=== samples from $RUN_DIR/checkpoints/latest (T=1.0, top-k 50, top-p 0.95)
 $PYTHON -m smollm2.generate --checkpoint "$RUN_DIR/checkpoints/latest" --max-new-tokens 40 \
   --prompt "ROMEO:" --prompt "To be, or not to be" --prompt "KING HENRY:"
 echo
+echo "=== training plot: $RUN_DIR/plots/training.png (python -m smollm2.plot $RUN_DIR) ==="
+echo
 echo "=== demo done in $(( $(date +%s) - start ))s: $RUN_DIR ==="

@@ -95,3 +95,9 @@ phase() {  # phase NAME STEPS [extra args...]
 phase "phase 1" "$P1" "$@" --resume latest
 phase "phase 2" "$P2" "$@" --resume latest
 echo "=== both phases verified: $run_dir/checkpoints/latest is step $P2 ==="
+# The offline plot (loss, LR, gradient flow, throughput; both phases): a plot that fails is a warning, not a failed run.
+if plot=$($PYTHON -m smollm2.plot "$run_dir"); then
+  echo "plot: $plot"
+else
+  echo "warning: could not draw the training plot (python -m smollm2.plot $run_dir)" >&2
+fi

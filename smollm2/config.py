@@ -74,9 +74,24 @@ class Schedule(Choice):
 
 
 class WandbMode(Choice):
+    auto = "auto"  # online when logged in (WANDB_API_KEY or a netrc entry), otherwise offline; never a prompt
     disabled = "disabled"  # nothing is imported from wandb
     offline = "offline"  # <run_dir>/wandb/offline-run-*, `wandb sync` later; no API key
     online = "online"
+
+
+class WandbWatch(Choice):
+    """WANDB_WATCH: histograms of the full gradients / parameters every `histogram_interval` log steps."""
+
+    off = "off"
+    gradients = "gradients"
+    parameters = "parameters"
+    all = "all"
+
+
+# WANDB_LOG_MODEL's values: checkpoints as `model` artifacts (references to the checkpoint directory, not copies).
+# "checkpoint" (or "true") = every checkpoint, "end" = the run's final one, "false" = none.
+LOG_MODEL_CHOICES = {"false": "false", "true": "checkpoint", "checkpoint": "checkpoint", "end": "end"}
 
 
 def _require(ok: bool, key: str, reason: str) -> None:
@@ -231,10 +246,22 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
+    """The WANDB_* environment variables win over these keys (WandB's own convention): see metrics.wandb_settings."""
+
     mode: WandbMode = WandbMode.disabled
     project: str = "smollm2"
     entity: str | None = None
     name: str | None = None
+    watch: WandbWatch = WandbWatch.off
+    log_model: str = "false"  # false | checkpoint (= true) | end; YAML's bare true/false work too
+    histogram_interval: int = 10  # log steps between gradient/parameter histograms (with watch)
+
+    def check(self) -> None:
+        _positive(self, "logging.wandb.", "histogram_interval")
+        value = str(self.log_model).lower()
+        _require(value in LOG_MODEL_CHOICES, "logging.wandb.log_model",
+                 f"must be one of false, true, checkpoint, end (got {self.log_model!r})")
+        self.log_model = LOG_MODEL_CHOICES[value]
 
 
 @dataclass
@@ -245,6 +272,7 @@ class LoggingConfig:
 
     def check(self) -> None:
         _positive(self, "logging.", "interval")
+        self.wandb.check()
 
 
 @dataclass

@@ -19,7 +19,15 @@ STOP_MARKER = "STOPPED"
 
 
 class UserError(Exception):
-    """A problem the user can fix; the message names it and, where possible, the fix."""
+    """A problem the user can fix; the message names it and, where possible, the fix.
+
+    Under torchrun every rank usually meets the same problem (the same config, the same files), so only rank 0 prints
+    it; `rank_specific=True` marks one that only some ranks may meet (a device, a path one node cannot see): each rank
+    that meets it prints it, prefixed with its rank."""
+
+    def __init__(self, *args, rank_specific: bool = False):
+        super().__init__(*args)
+        self.rank_specific = rank_specific
 
 
 class ConfigError(UserError):
@@ -35,15 +43,19 @@ class CheckpointError(UserError):
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Run `main(argv)`; a UserError becomes `error: <message>` on stderr and exit status 2.
-
-    Set SMOLLM2_TRACEBACK=1 to see the full traceback instead."""
+    """Run `main(argv)`; a UserError becomes `error: <message>` on stderr, once (rank 0's; see UserError), and exit
+    status 2 on every rank. Under torchrun the rank logs (`<run_dir>/logs/`) and torchrun's failure summary hold the
+    traceback. Set SMOLLM2_TRACEBACK=1 to see the full traceback on the console instead."""
     try:
         code = main(argv)
     except UserError as err:
         if os.environ.get("SMOLLM2_TRACEBACK") == "1":
             raise
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        rank = int(os.environ.get("RANK", "0") or 0)
+        if err.rank_specific and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            print(f"error: rank {rank}: {err}", file=sys.stderr, flush=True)
+        elif rank == 0 or err.rank_specific:
+            print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)

@@ -1,6 +1,7 @@
 """Throughput, MFU, memory; one record per log step to every sink (console, JSONL, WandB).
 
-A sink is anything with `log(kind, record)` and `close()`; kinds are "train", "eval" and "sample". Only rank 0 logs.
+A sink is anything with `log(kind, record)` and `close()`; kinds are "train", "eval", "sample", "event" (a resume, a
+checkpoint) and "histogram" (WandB only). Only rank 0 logs; the WandB sink is in tracking.py.
 """
 
 from __future__ import annotations
@@ -8,9 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,57 @@ def peak_memory_gib(device: torch.device) -> float:
         return float("nan")
 
 
+def _host_rss_gib() -> float:
+    """This process's resident memory now (Linux /proc; NaN elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+_NVML: Any = None
+
+
+def _nvml_handle(device: torch.device):
+    """pynvml's handle for this GPU, or None (pynvml not installed, no driver): utilization and power are optional."""
+    global _NVML
+    if _NVML is None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            _NVML = pynvml
+        except Exception:  # noqa: BLE001 - any failure just means no GPU utilization numbers
+            _NVML = False
+    if not _NVML:
+        return None
+    try:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _NVML.nvmlDeviceGetHandleByIndex(index)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def resources(device: torch.device) -> dict[str, float]:
+    """Memory and device load for a log record: on CUDA, current / peak allocated and reserved memory, and (with pynvml)
+    utilization and power; everywhere, host RSS now and peak. Peaks are since the process started."""
+    out = {"host_rss_gib": _host_rss_gib(), "host_peak_rss_gib": peak_memory_gib(torch.device("cpu"))}
+    if device.type != "cuda":
+        return out
+    out.update(mem_alloc_gib=torch.cuda.memory_allocated(device) / 2**30,
+               mem_reserved_gib=torch.cuda.memory_reserved(device) / 2**30,
+               peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30)
+    handle = _nvml_handle(device)
+    if handle is not None:
+        try:
+            out["gpu_util_pct"] = float(_NVML.nvmlDeviceGetUtilizationRates(handle).gpu)
+            out["gpu_power_w"] = _NVML.nvmlDeviceGetPowerUsage(handle) / 1000.0
+        except Exception:  # noqa: BLE001
+            pass
+    return out
+
+
 def _fmt_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -59,8 +111,8 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class ConsoleSink:
-    def __init__(self, stream=sys.stdout):
-        self.stream = stream
+    def __init__(self, stream=None):
+        self.stream = stream  # None: sys.stdout at each line (the rank log tees it)
 
     def log(self, kind: str, r: dict[str, Any]) -> None:
         if kind == "train":
@@ -71,63 +123,32 @@ class ConsoleSink:
         elif kind == "eval":
             line = (f"eval step {r['step']:>6} | val loss {r['val_loss']:.4f} | val ppl {r['val_ppl']:.2f} | "
                     f"{r['windows']} windows")
-        else:
+        elif kind == "sample":
             line = f"sample step {r['step']:>6} | {r['prompt']!r} -> {r['text']!r}"
-        print(line, file=self.stream, flush=True)
+        else:  # events are announced by the trainer's own lines; histograms are for WandB
+            return
+        print(line, file=self.stream or sys.stdout, flush=True)
 
     def close(self) -> None:
         pass
 
 
 class JsonlSink:
-    """metrics.jsonl, eval.jsonl, samples.jsonl in the run directory (appended: a resumed run continues the files)."""
+    """metrics.jsonl, eval.jsonl, samples.jsonl, events.jsonl (restarts, checkpoints) in the run directory, appended:
+    a resumed run continues the files (after a crash resume, steps that were re-run appear twice, in the order run)."""
 
-    FILES = {"train": "metrics.jsonl", "eval": "eval.jsonl", "sample": "samples.jsonl"}
+    FILES = {"train": "metrics.jsonl", "eval": "eval.jsonl", "sample": "samples.jsonl", "event": "events.jsonl"}
 
     def __init__(self, run_dir: Path):
         self.files = {kind: open(run_dir / name, "a", buffering=1) for kind, name in self.FILES.items()}
 
     def log(self, kind: str, record: dict[str, Any]) -> None:
-        self.files[kind].write(json.dumps(record) + "\n")
+        if kind in self.files:
+            self.files[kind].write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         for f in self.files.values():
             f.close()
-
-
-class WandbSink:
-    """The same records in a WandB run. The run id lives in the checkpoint, so a resumed run (phase 2, a requeued
-    job) continues the same WandB run. `mode=offline` writes `<run_dir>/wandb/offline-run-*` for `wandb sync` later;
-    no API key is ever needed for that."""
-
-    def __init__(self, mode: str, project: str, entity: str | None, name: str | None, run_dir: Path,
-                 run_id: str | None, config: dict[str, Any]):
-        try:
-            import wandb
-        except ImportError:
-            from smollm2.errors import ConfigError
-
-            raise ConfigError(f"logging.wandb.mode={mode} needs the wandb package (pip install wandb), "
-                              "or set logging.wandb.mode=disabled") from None
-        self._wandb = wandb
-        self.run = wandb.init(project=project, entity=entity, name=name, id=run_id or uuid.uuid4().hex[:8],
-                              resume="allow", mode=mode, dir=str(run_dir), config=config)
-        self.run_id = self.run.id
-        self.samples: list[list[Any]] = []
-
-    def log(self, kind: str, record: dict[str, Any]) -> None:
-        step = record["step"]
-        if kind == "sample":
-            self.samples.append([step, record["prompt"], record["text"]])
-            table = self._wandb.Table(columns=["step", "prompt", "text"], data=list(self.samples))
-            self.run.log({"samples": table}, step=step)
-            return
-        numbers = {f"{kind}/{k}": v for k, v in record.items()
-                   if k not in ("step", "max_steps", "time") and isinstance(v, (int, float))}
-        self.run.log(numbers, step=step)
-
-    def close(self) -> None:
-        self.run.finish()
 
 
 class Metrics:

@@ -20,27 +20,31 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from smollm2.checkpoint import Checkpointer
-from smollm2.config import Config, WandbMode, load_config, to_dict, to_yaml
+from smollm2.config import Config, load_config, to_dict, to_yaml
 from smollm2.data import Dataset, TrainLoader, ValWindows
 from smollm2.distributed import DistEnv, check_shared_dir, describe_ranks, init_distributed, shutdown
 from smollm2.errors import STOP_EXIT_CODE, STOP_MARKER, UserError
 from smollm2.generate import generate
+from smollm2.gradflow import GradientFlow
 from smollm2.metrics import (
     ConsoleSink,
     JsonlSink,
     Metrics,
     Throughput,
-    WandbSink,
     device_peak_tflops,
     flops_per_token,
     peak_memory_gib,
+    resources,
 )
 from smollm2.optim import LRSchedule, build_optimizer
 from smollm2.parallelize import build_model
+from smollm2.ranklog import RankLog, fault_hook
 from smollm2.step import train_step
 from smollm2.tokenizer import get_tokenizer
+from smollm2.tracking import make_wandb_sink, watching
 
 
 class TrainingDiverged(UserError):
@@ -127,6 +131,13 @@ def _write_samples(model, cfg: Config, env: DistEnv, step: int, metrics: Metrics
         metrics.log("sample", {"step": step, "prompt": prompt, "text": tok.decode(ids), "tokens": len(ids)})
 
 
+def _agree(env: DistEnv, watch: list[str]) -> list[bool]:
+    """Rank 0's [histogram gradients?, histogram parameters?] on every rank."""
+    flags = torch.tensor([float("grad" in watch), float("param" in watch)], device=env.device)
+    dist.broadcast(flags, src=0)
+    return [bool(f) for f in flags.tolist()]
+
+
 def mark_stopped(run_dir: Path, env: DistEnv, step: int) -> None:
     """Rank 0 leaves STOP_MARKER (read by launch/*.sh); a barrier, so no rank exits before it is written."""
     if env.is_main:
@@ -178,14 +189,19 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainSt
                                             cfg.model.d_model // cfg.model.n_head, seq_len),
                             device_peak_tflops(env.device, cfg.logging.peak_tflops), env.world_size)
     sinks: list = []
+    wandb_sink = None
     if env.is_main:
         sinks = [ConsoleSink(), JsonlSink(run_dir)]
-        wb = cfg.logging.wandb
-        if wb.mode != WandbMode.disabled:
-            wandb_sink = WandbSink(wb.mode, wb.project, wb.entity, wb.name, run_dir, state.logger_run_id, to_dict(cfg))
+        wandb_sink = make_wandb_sink(cfg.logging.wandb, run_dir, state.logger_run_id, to_dict(cfg))
+        if wandb_sink is not None:
             state.logger_run_id = wandb_sink.run_id
             sinks.append(wandb_sink)
     metrics = Metrics(sinks)
+    if path is not None:  # a resume (phase 2, a requeue, a crash rerun): marked in events.jsonl and in WandB
+        metrics.log("event", {"event": "restart", "step": state.step, "from_checkpoint": path.name, "time": time.time()})
+    # What to histogram is rank 0's (WandB's) business, but the histograms are collective: every rank learns it.
+    watch = [what for what, flag in zip(("grad", "param"), _agree(env, watching(wandb_sink))) if flag]
+    flow = GradientFlow(watch, cfg.logging.wandb.histogram_interval)
     _log(env, f"model {n_params:,} parameters | world size {env.world_size} on {env.device.type} | "
               f"{tokens_per_step:,} tokens/step ({micro} x {accum} x {env.world_size} windows of {seq_len}) | "
               f"dtype {cfg.train.dtype} | activation checkpointing {cfg.train.activation_checkpointing}")
@@ -205,6 +221,8 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainSt
         final = state.step >= cfg.train.max_steps  # the run's last checkpoint: kept forever, never rotated by keep_last
         path = checkpointer.save(state.step, model, optimizer, train_state, cfg, final=final)
         _log(env, f"checkpoint {path} ({time.perf_counter() - start:.1f}s)")
+        metrics.log("event", {"event": "checkpoint", "step": state.step, "path": str(path), "final": final,
+                              "time": time.time()})
 
     stop = stop or StopRequest()
     if stop.agreed(env.device):  # a signal during setup: nothing trained since the last checkpoint, nothing to save
@@ -216,12 +234,17 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainSt
         return state
     loss_sum = torch.zeros((), device=env.device)
     grad_norm = torch.zeros((), device=env.device)
-    steps_since_log = 0
+    steps_since_log, data_wait = 0, 0.0
     try:
         while state.step < cfg.train.max_steps:
             lr = schedule.apply(optimizer, state.step)
-            loss_sum, grad_norm = train_step(model, optimizer, loader.next_step(), accum, cfg.optim.grad_clip,
-                                             loss_sum=loss_sum)
+            log_step = (state.step + 1) % cfg.logging.interval == 0 or state.step + 1 == cfg.train.max_steps
+            wait_start = time.perf_counter()
+            fault_hook(state.step + 1, env.rank)
+            batch = loader.next_step()  # the time spent here is the input pipeline's (an input-bound run shows it)
+            data_wait += time.perf_counter() - wait_start
+            loss_sum, grad_norm = train_step(model, optimizer, batch, accum, cfg.optim.grad_clip, loss_sum=loss_sum,
+                                             inspect_grads=flow.hook(log_step))
             state.step += 1
             state.tokens_seen += tokens_per_step
             steps_since_log += 1
@@ -239,11 +262,16 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainSt
                         f"loss became {loss_value} by step {step}; stopping without saving. The last good checkpoint "
                         f"is kept in {run_dir / 'checkpoints'} (lower optim.lr or check the data, then --resume latest)")
                 speed = throughput.measure(cfg.train.max_steps - step)
+                group_norms, histograms = flow.take()
                 metrics.log("train", {"step": step, "max_steps": cfg.train.max_steps, "loss": loss_value, "lr": lr,
                                       "grad_norm": _value(grad_norm), "tokens_seen": state.tokens_seen,
-                                      "peak_mem_gib": peak_memory_gib(env.device), **speed, "time": time.time()})
+                                      "peak_mem_gib": peak_memory_gib(env.device), **speed,
+                                      "data_wait_ms": 1000 * data_wait / steps_since_log, **resources(env.device),
+                                      **{f"grad_norm/{g}": v for g, v in group_norms.items()}, "time": time.time()})
+                for what, groups in histograms.items():
+                    metrics.log("histogram", {"step": step, "what": what, "groups": groups})
                 loss_sum.zero_()
-                steps_since_log = 0
+                steps_since_log, data_wait = 0, 0.0
                 if stop.agreed(env.device):
                     _log(env, f"stop requested (signal): checkpointing at step {step} and exiting")
                     save()
@@ -263,6 +291,7 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainSt
     return state
 
 
+@record  # a failing rank's error (message + traceback) lands in torchrun's failure summary, naming the rank
 def main(argv: list[str] | None = None) -> int:
     stop = StopRequest()  # first: a preemption signal during setup must not kill the rank
     parser = argparse.ArgumentParser(prog="python -m smollm2.train", description="Train (torchrun for several ranks).")
@@ -273,10 +302,15 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)
     env = init_distributed(cfg.train.device)
+    log = RankLog(Path(cfg.train.run_dir), env.rank, env.local_rank, env.world_size)
     try:
         state = train(cfg, env, stop)
+    except BaseException as err:
+        log.exception(err)
+        raise
     finally:
         shutdown()
+        log.close()
     return STOP_EXIT_CODE if state.stopped_by_signal else 0
 
 

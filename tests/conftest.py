@@ -5,7 +5,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("WANDB_MODE", "disabled")
+# The WANDB_* variables win over the YAML (WandB's convention): the caller's shell must not turn WandB on (or off) in
+# tests. Every test run keeps the YAML's choice (tiny.yaml: disabled); tests/test_wandb.py sets what it checks.
+for _name in [k for k in os.environ if k.startswith("WANDB_") and k != "WANDB_SILENT"]:
+    del os.environ[_name]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

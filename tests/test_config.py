@@ -80,7 +80,7 @@ def test_typed_choices_and_auto_switches(root):
     ("train.activation_checkpointing=some", "train.activation_checkpointing must be one of none, full, selective"),
     ("train.fsdp_wrap=layer", "train.fsdp_wrap must be one of auto, block, root"),
     ("optim.schedule=linear", "optim.schedule must be one of cosine, wsd, constant"),
-    ("logging.wandb.mode=on", "logging.wandb.mode must be one of disabled, offline, online"),
+    ("logging.wandb.mode=on", "logging.wandb.mode must be one of auto, disabled, offline, online"),
     ("model.attention=flash", "model.attention must be one of auto, sdpa, flash_attn, naive"),
 ])
 def test_bad_choice_names_the_key_and_the_choices(root, override, message):

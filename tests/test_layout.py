@@ -10,9 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # smollm2's modules in layers: a module imports only from lower layers (data_prep -> shards/manifest -> data -> train ->
 # step -> model/loss, with parallelize between config and the model).
 LAYERS = [
-    {"errors", "files", "loss", "step"},
-    {"config", "tokenizer", "shards", "manifest"},
-    {"data", "distributed", "model", "optim", "metrics"},
+    {"errors", "files", "loss", "step", "gradflow"},
+    {"config", "tokenizer", "shards", "manifest", "ranklog", "plot"},
+    {"data", "distributed", "model", "optim", "metrics", "tracking"},
     {"parallelize", "checkpoint"},
     {"generate"},
     {"train"},

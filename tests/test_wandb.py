@@ -1,15 +1,21 @@
-"""WandB offline: the run id survives a resume, and the records land in the same run (read back from the .wandb files)."""
+"""WandB, offline, read back from the .wandb files: everything a run logs, the settings' precedence, and a crash resume
+that stays visible (one run id; every step that ran is recorded, re-run steps included, with a restart marker)."""
 
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from smollm2.config import WandbConfig, WandbMode, WandbWatch
+from smollm2.errors import ConfigError
+from smollm2.tracking import wandb_settings
+
 wandb = pytest.importorskip("wandb")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,37 +47,184 @@ def wandb_records(path: Path, block: int = 32768):
             buf = b""
 
 
-def history(path: Path) -> list[dict]:
+def records(path: Path, kind: str) -> list:
     from wandb.proto import wandb_internal_pb2 as pb
 
-    rows = []
+    out = []
     for raw in wandb_records(path):
         record = pb.Record()
         record.ParseFromString(raw)
-        if record.WhichOneof("record_type") == "history":
-            rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
-    return rows
+        if record.WhichOneof("record_type") == kind:
+            out.append(getattr(record, kind))
+    return out
 
 
-def test_offline_run_is_continued_on_resume(shakespeare_data, tmp_path):
+def history(path: Path) -> list[dict]:
+    return [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in h.item} for h in records(path, "history")]
+
+
+def offline_runs(run: Path) -> list[Path]:
+    """The offline run folders, oldest first, each as its .wandb file."""
+    folders = sorted((run / "wandb").glob("offline-run-*"))
+    return [next(f.glob("*.wandb")) for f in folders]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "smollm2.train",
+            "--config", "configs/tiny.yaml", *args]
+
+
+def clean_env(tmp_path: Path, **extra: str) -> dict:
+    """No WandB login (HOME without a netrc, no key) and no WANDB_* from the caller's shell."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return {**env, "HOME": str(tmp_path / "home"), "WANDB_SILENT": "true", **extra}
+
+
+# ------------------------------------------------------------------------------------------------------ settings
+
+
+def test_settings_environment_wins_and_auto_needs_no_login(tmp_path):
+    yaml = WandbConfig(mode=WandbMode.auto, project="yaml-project", watch=WandbWatch.off, log_model="false")
+    home = {"HOME": str(tmp_path)}
+    s = wandb_settings(yaml, home)
+    assert (s.mode, s.project, s.watch, s.log_model) == ("offline", "yaml-project", "off", "false")
+    assert "no WandB login" in s.reason
+    assert wandb_settings(yaml, {**home, "WANDB_API_KEY": "x" * 40}).mode == "online"
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    assert wandb_settings(yaml, home).mode == "online"  # what `wandb login` leaves
+    env = {"HOME": str(tmp_path / "none"), "WANDB_PROJECT": "env-project", "WANDB_ENTITY": "team", "WANDB_NAME": "n",
+           "WANDB_WATCH": "gradients", "WANDB_LOG_MODEL": "true", "WANDB_MODE": "disabled"}
+    s = wandb_settings(yaml, env)
+    assert (s.mode, s.project, s.entity, s.name, s.watch, s.log_model) == \
+        ("disabled", "env-project", "team", "n", "gradients", "checkpoint")
+    assert wandb_settings(yaml, {**env, "WANDB_MODE": "dryrun", "WANDB_WATCH": "false"}).watch == "off"
+    with pytest.raises(ConfigError, match="WANDB_LOG_MODEL='sometimes'"):
+        wandb_settings(yaml, {**env, "WANDB_LOG_MODEL": "sometimes"})
+
+
+def test_disabled_imports_nothing_from_wandb(shakespeare_data, tmp_path):
+    code = ("import sys; from smollm2.train import main; "
+            f"main(['--config', 'configs/tiny.yaml', 'data.path={shakespeare_data}', 'train.run_dir={tmp_path / 'run'}', "
+            "'train.max_steps=1', 'eval.interval=0', 'sample.interval=0', 'data.seq_len=32']); "
+            "print('wandb imported:', 'wandb' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(tmp_path), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wandb imported: False" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------ what is logged
+
+
+@pytest.mark.slow
+def test_a_run_logs_everything_the_spec_lists(shakespeare_data, tmp_path):
     run = tmp_path / "run"
-    base = [sys.executable, "-m", "smollm2.train", "--config", "configs/tiny.yaml", f"data.path={shakespeare_data}",
-            f"train.run_dir={run}", "data.seq_len=32", "data.micro_batch=2", "logging.interval=2", "eval.interval=4",
-            "sample.interval=0", "checkpoint.interval=4", "logging.wandb.mode=offline", "logging.wandb.project=test"]
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HOME": str(tmp_path)}
-    subprocess.run([*base, "train.max_steps=4"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
-    subprocess.run([*base, "train.max_steps=6", "--resume", "latest"], cwd=ROOT, env=env, check=True, capture_output=True,
-                   timeout=300)
+    env = clean_env(tmp_path, WANDB_PROJECT="env-project", WANDB_WATCH="gradients", WANDB_LOG_MODEL="checkpoint")
+    proc = subprocess.run(torchrun(f"data.path={shakespeare_data}", f"train.run_dir={run}", "train.max_steps=4",
+                                   "data.seq_len=32", "logging.interval=2", "eval.interval=2", "sample.interval=4",
+                                   "checkpoint.interval=2", "logging.peak_tflops=1", "logging.wandb.mode=auto",
+                                   "logging.wandb.project=yaml-project", "logging.wandb.histogram_interval=1"),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"to upload it: wandb sync {run / 'wandb'}/offline-run-*" in proc.stdout  # auto without a login: offline
+    [path] = offline_runs(run)
+    assert [r.project for r in records(path, "run")] == ["env-project"]  # the environment wins over the YAML
+    rows = history(path)
+    keys = set().union(*rows)
+    for key in ("loss", "lr", "grad_norm", "tok_per_s", "mfu", "step_ms", "peak_mem_gib", "host_rss_gib",
+                "data_wait_ms", "tokens_seen"):
+        values = [row[f"train/{key}"] for row in rows if f"train/{key}" in row]
+        assert len(values) == 2 and all(isinstance(v, (int, float)) for v in values), key
+    assert [row["eval/val_loss"] for row in rows if "eval/val_loss" in row][-1] == pytest.approx(
+        json.loads((run / "eval.jsonl").read_text().splitlines()[-1])["val_loss"])
+    groups = {"embed", "final_norm"} | {f"block_0{i}/{k}" for i in range(2) for k in ("attn", "mlp", "norm")}
+    assert {f"grad_norm/{g}" for g in groups} <= keys
+    hist_rows = [row for row in rows if "hist/grad/embed/_type" in row]
+    assert len(hist_rows) == 2 and hist_rows[0]["hist/grad/embed/_type"] == "histogram"
+    assert sum(hist_rows[0]["hist/grad/block_00/mlp/values"]) == 2 * (64 * 256) + 256 + 64  # every value, once
+    assert any(row.get("samples/_type") == "table-file" for row in rows)
+    assert all("train/step" in row for row in rows)  # the x-axis of every chart
+    models = [a for a in records(path, "artifact") if a.type == "model"]
+    assert [sorted(a.aliases) for a in models] == [["latest", "step-2"], ["latest", "step-4"]]
+    assert all(e.ref.startswith(f"file://{run}/checkpoints/step-") for a in models for e in a.manifest.contents)
 
-    run_id = json.loads((run / "checkpoints/step-000006/train_state.json").read_text())["logger_run_id"]
-    assert run_id and json.loads((run / "checkpoints/step-000004/train_state.json").read_text())["logger_run_id"] == run_id
-    runs = sorted((run / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
-    steps = []
-    for offline in runs:
-        rows = history(next(offline.glob("*.wandb")))
-        steps += [row["_step"] for row in rows if "train/loss" in row]
-        assert all(isinstance(row.get("train/loss", 0.0), float) for row in rows)
-    assert steps == [2, 4, 6]
-    last_eval = [row for row in history(next(runs[-1].glob("*.wandb"))) if "eval/val_loss" in row]
-    assert last_eval and last_eval[-1]["_step"] == 6
+
+
+
+# ------------------------------------------------------------------------------------------------ a crash resume
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts its workers in sessions of their own: a process group kill misses
+    them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill_after_a_checkpoint(cmd: list[str], env: dict, run: Path, deadline_s: float = 240) -> None:
+    """Start the run, wait until it has logged steps past a checkpoint, then kill -9 every process of it."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + deadline_s
+    try:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-3000:]}"
+            saved = [int(p.name[5:]) for p in (run / "checkpoints").glob("step-*")]
+            lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
+            if saved and len(lines) >= 2 and json.loads(lines[-2])["step"] > max(saved):
+                return
+            time.sleep(0.05)
+        raise AssertionError("no step was logged past a checkpoint in time")
+    finally:
+        for pid in [proc.pid, *_descendants(proc.pid)]:  # the agent and every worker, at once: a crash of the node
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_crash_resume_records_every_step_that_ran(shakespeare_data, tmp_path):
+    run = tmp_path / "run"
+    common = [f"data.path={shakespeare_data}", f"train.run_dir={run}", "data.seq_len=32", "logging.interval=1",
+              "eval.interval=0", "sample.interval=0", "checkpoint.interval=4", "checkpoint.keep_last=10",
+              "logging.wandb.mode=offline", "logging.wandb.project=test"]
+    env = clean_env(tmp_path)
+    _kill_after_a_checkpoint(torchrun(*common, "train.max_steps=40"), env, run)
+    killed_at = json.loads((run / "metrics.jsonl").read_text().splitlines()[-2])["step"]
+    for steps in (16, 18):  # the rerun (phase 1 to its end), then phase 2
+        proc = subprocess.run(torchrun(*common, f"train.max_steps={steps}", "--resume", "latest"), cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    ids = {json.loads(p.read_text())["logger_run_id"] for p in (run / "checkpoints").glob("step-*/train_state.json")}
+    paths = offline_runs(run)
+    assert len(ids) == 1 and len(paths) == 3
+    run_id = ids.pop()
+    assert all(p.parent.name.endswith(f"-{run_id}") for p in paths)
+    rerun, phase2 = history(paths[1]), history(paths[2])
+    [marker] = [row for row in rerun if "restart/step" in row]
+    resumed_from = marker["restart/step"]
+    assert marker["restart/from_checkpoint"] == f"step-{resumed_from:06d}" and resumed_from < killed_at
+    # every step after the checkpoint is recorded again, the re-run ones included, in the order they ran
+    assert [row["train/step"] for row in rerun if "train/loss" in row] == list(range(resumed_from + 1, 17))
+    assert [row["train/step"] for row in phase2 if "train/loss" in row] == [17, 18]
+    assert [row["restart/step"] for row in phase2 if "restart/step" in row] == [16]
+    # WandB's own step only grows across the attempts, so nothing is dropped when they are synced
+    wandb_steps = [row["_step"] for path in paths for row in history(path)]
+    assert wandb_steps == sorted(wandb_steps) and len(set(wandb_steps)) == len(wandb_steps)
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 18 and [r["train/loss"] for r in phase2 if "train/loss" in r][-1] == last["loss"]
