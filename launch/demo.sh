@@ -28,6 +28,10 @@ echo "=== samples from $RUN_DIR/checkpoints/latest (T=1.0, top-k 50, top-p 0.95)
 $PYTHON -m smollm2.generate --checkpoint "$RUN_DIR/checkpoints/latest" --max-new-tokens 40 \
   --prompt "ROMEO:" --prompt "To be, or not to be" --prompt "KING HENRY:"
 echo
-echo "=== training plot: $RUN_DIR/plots/training.png (python -m smollm2.plot $RUN_DIR) ==="
+if [ -f "$RUN_DIR/plots/training.png" ]; then  # drawn by launch/train.sh
+  echo "=== training plot: $RUN_DIR/plots/training.png (redraw: python -m smollm2.plot $RUN_DIR) ==="
+else
+  echo "warning: no training plot in $RUN_DIR/plots (python -m smollm2.plot $RUN_DIR says why)" >&2
+fi
 echo
 echo "=== demo done in $(( $(date +%s) - start ))s: $RUN_DIR ==="

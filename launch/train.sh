@@ -91,13 +91,21 @@ phase() {  # phase NAME STEPS [extra args...]
   fi
 }
 
+# The offline plot (loss, LR, gradient flow, throughput; both phases, resumes marked) on every exit from here on, a
+# failure or a stop included (what the run did up to there helps most then), once anything was logged. A plot that fails
+# is a warning, never the script's exit status.
+draw_plot() {
+  local out
+  [ -s "$run_dir/metrics.jsonl" ] || return 0
+  if out=$($PYTHON -m smollm2.plot "$run_dir" 2>&1); then
+    echo "plot: $(tail -n 1 <<<"$out")"
+  else
+    echo "warning: could not draw the training plot (python -m smollm2.plot $run_dir): $(tail -n 1 <<<"$out")" >&2
+  fi
+}
+trap draw_plot EXIT
+
 # Both phases pass --resume latest: phase 1 then also continues after a crash or preemption when the script is rerun.
 phase "phase 1" "$P1" "$@" --resume latest
 phase "phase 2" "$P2" "$@" --resume latest
 echo "=== both phases verified: $run_dir/checkpoints/latest is step $P2 ==="
-# The offline plot (loss, LR, gradient flow, throughput; both phases): a plot that fails is a warning, not a failed run.
-if plot=$($PYTHON -m smollm2.plot "$run_dir"); then
-  echo "plot: $plot"
-else
-  echo "warning: could not draw the training plot (python -m smollm2.plot $run_dir)" >&2
-fi

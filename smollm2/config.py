@@ -246,7 +246,7 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
-    """The WANDB_* environment variables win over these keys (WandB's own convention): see metrics.wandb_settings."""
+    """The WANDB_* environment variables win over these keys (WandB's own convention): see tracking.wandb_settings."""
 
     mode: WandbMode = WandbMode.disabled
     project: str = "smollm2"

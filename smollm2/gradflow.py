@@ -77,6 +77,12 @@ def group_grad_norms(model: torch.nn.Module) -> dict[str, float]:
     return dict(zip(names, squares.sqrt().tolist()))  # the one host sync
 
 
+def _abs_max(parts: list[torch.Tensor]) -> torch.Tensor:
+    """max |x| over the tensors, from one min/max pass each: `aminmax` is vectorized and allocates nothing, where
+    `t.abs().max()` writes a full-size temporary (~5x slower on CPU at the seed shape)."""
+    return torch.stack([torch.stack(torch.aminmax(t)).abs().max() for t in parts]).max()
+
+
 @torch.no_grad()
 def group_histograms(model: torch.nn.Module, what: str = "grad", bins: int = 64) -> dict[str, tuple[list, list]]:
     """{group: (counts, bin edges)} of every value of the group's full gradients (`what="grad"`) or parameters
@@ -85,8 +91,7 @@ def group_histograms(model: torch.nn.Module, what: str = "grad", bins: int = 64)
     names = sorted(groups)
     if not names:
         return {}
-    ranges = _per_group(groups, names, lambda parts: torch.stack([t.abs().max() for t in parts]).max(),
-                        dist.ReduceOp.MAX).clamp_min(1e-12)
+    ranges = _per_group(groups, names, _abs_max, dist.ReduceOp.MAX).clamp_min(1e-12)
     device = ranges.device
     counts = torch.zeros(len(names), bins, device=device, dtype=torch.float32)
     for i, name in enumerate(names):

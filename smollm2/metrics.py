@@ -117,9 +117,11 @@ class ConsoleSink:
     def log(self, kind: str, r: dict[str, Any]) -> None:
         if kind == "train":
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+            wait = f" (data {r['data_wait_ms']:.0f} ms)" if "data_wait_ms" in r else ""  # input-bound: near ms/step
             line = (f"step {r['step']:>6}/{r['max_steps']} | loss {r['loss']:.4f} | lr {r['lr']:.3e} | "
                     f"grad norm {r['grad_norm']:.3f} | {r['tok_per_s']:,.0f} tok/s | MFU {mfu} | "
-                    f"mem {r['peak_mem_gib']:.2f} GiB | {r['step_ms']:.0f} ms/step | ETA {_fmt_duration(r['eta_s'])}")
+                    f"mem {r['peak_mem_gib']:.2f} GiB | {r['step_ms']:.0f} ms/step{wait} | "
+                    f"ETA {_fmt_duration(r['eta_s'])}")
         elif kind == "eval":
             line = (f"eval step {r['step']:>6} | val loss {r['val_loss']:.4f} | val ppl {r['val_ppl']:.2f} | "
                     f"{r['windows']} windows")

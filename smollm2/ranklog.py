@@ -52,14 +52,21 @@ class RankLog:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(self.path, "a", buffering=1, encoding="utf-8", errors="replace")
-        except OSError as err:
-            raise UserError(f"cannot write the rank log {self.path} (train.run_dir): {err}") from None
+        except OSError as err:  # a node that cannot write there (permissions, a full local disk): this rank's own problem
+            raise UserError(f"cannot write the rank log {self.path} (train.run_dir): {err}", rank_specific=True) from None
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         self.file.write(f"===== {time.strftime('%Y-%m-%d %H:%M:%S')} host {socket.gethostname()} pid {os.getpid()} "
                         f"rank {rank} local rank {local_rank} world size {world_size} torchrun restart {restart} "
                         f"| {' '.join(sys.argv)}\n")
         self._stdout, self._stderr = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _Tee(sys.stdout, self.file), _Tee(sys.stderr, self.file)
+
+    @classmethod
+    def from_env(cls, run_dir: Path) -> RankLog:
+        """The log of the rank torchrun / srun (RANK, LOCAL_RANK, WORLD_SIZE) or a plain run (rank 0 of 1) made this
+        process: opened before the process group is joined, so a failure to join is in the file too."""
+        env = os.environ
+        return cls(run_dir, int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
 
     def exception(self, err: BaseException) -> None:
         """The full traceback, into the file only (the console gets what the CLI wrapper prints)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import netrc
 import os
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,10 @@ def logged_in(environ=os.environ) -> bool:
 
 
 def wandb_settings(cfg: WandbConfig, environ=os.environ) -> WandbSettings:
-    """The YAML's `logging.wandb`, with WANDB_MODE / _PROJECT / _ENTITY / _NAME / _WATCH / _LOG_MODEL winning."""
+    """The one place the WandB settings are resolved. Precedence, lowest to highest: WandbConfig's defaults, the YAML
+    preset, `key=value` overrides (those three are `cfg`), then WANDB_MODE / _PROJECT / _ENTITY / _NAME / _WATCH /
+    _LOG_MODEL (WandB's convention: the environment wins; an empty variable counts as unset). `auto` is resolved here,
+    without importing wandb and without a network call."""
 
     def env(name: str, table: dict[str, str], fallback: str) -> str:
         value = environ.get(name)
@@ -99,6 +103,10 @@ class WandbSink:
             self.run.define_metric(f"{prefix}/*", step_metric="train/step")
         self.run.define_metric("samples", step_metric="train/step")
         self.samples: list[list[Any]] = []
+        # Checkpoint artifacts are checksummed (md5 of every file, ~1.4 s per GB) on one background thread so that
+        # training goes on meanwhile; the run itself is only touched from the main thread (see _flush_artifacts).
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wandb-artifact")
+        self._pending: list[tuple[Future, dict[str, Any]]] = []
         if settings.mode == "offline":
             how = f" ({settings.reason})" if settings.reason else ""
             print(f"wandb: offline run {self.run_id}{how}; to upload it: wandb sync {run_dir / 'wandb'}/offline-run-*",
@@ -118,6 +126,7 @@ class WandbSink:
         os.replace(tmp, self.counter_file)
 
     def log(self, kind: str, record: dict[str, Any]) -> None:
+        self._flush_artifacts(wait=False)
         step = record["step"]
         if kind == "sample":
             self.samples.append([step, record["prompt"], record["text"]])
@@ -136,16 +145,33 @@ class WandbSink:
             self._log(numbers, step)
 
     def _log_model(self, record: dict[str, Any]) -> None:
-        """A `model` artifact that references the checkpoint directory (files stay where they are; nothing is copied)."""
+        """Queue a `model` artifact for a checkpoint that was just saved, per log_model (checkpoint: all, end: the final)."""
         if self.settings.log_model == "false" or (self.settings.log_model == "end" and not record.get("final")):
             return
+        self._pending.append((self._hasher.submit(self._model_artifact, record), record))
+
+    def _model_artifact(self, record: dict[str, Any]):
+        """(Background thread.) An artifact that references the checkpoint directory: one entry per file with its path,
+        size and md5 (what `artifact.download()` / `verify()` check); no file is copied or uploaded."""
         path = Path(record["path"]).resolve()
         artifact = self._wandb.Artifact(f"model-{self.run_id}", type="model",
                                         metadata={"step": record["step"], "path": str(path), "final": record.get("final")})
-        artifact.add_reference(f"file://{path}", name=path.name, checksum=False)
-        self.run.log_artifact(artifact, aliases=[f"step-{record['step']}", "latest"])
+        artifact.add_reference(f"file://{path}", name=path.name)
+        return artifact
+
+    def _flush_artifacts(self, wait: bool) -> None:
+        """Log the checkpoint artifacts whose checksums are done (all of them, waiting, if `wait`), oldest first. A failure
+        (the checkpoint rotated away by keep_last while being hashed) is a warning: it must not stop the training."""
+        while self._pending and (wait or self._pending[0][0].done()):
+            future, record = self._pending.pop(0)
+            try:
+                self.run.log_artifact(future.result(), aliases=[f"step-{record['step']}", "latest"])
+            except Exception as err:  # noqa: BLE001
+                print(f"wandb: warning: checkpoint {record['path']} not logged as an artifact: {err}", flush=True)
 
     def close(self) -> None:
+        self._flush_artifacts(wait=True)
+        self._hasher.shutdown()
         self.run.finish()
 
 

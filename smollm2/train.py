@@ -301,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)
-    env = init_distributed(cfg.train.device)
-    log = RankLog(Path(cfg.train.run_dir), env.rank, env.local_rank, env.world_size)
+    log = RankLog.from_env(Path(cfg.train.run_dir))  # as soon as run_dir is known: joining the group can fail too
     try:
+        env = init_distributed(cfg.train.device)
         state = train(cfg, env, stop)
     except BaseException as err:
         log.exception(err)
