@@ -570,9 +570,12 @@ def _read_train_state(path: Path) -> dict[str, Any]:
 
 
 def load_model_for_inference(spec: str | Path, device: torch.device | str = "cpu"):
-    """(model, config, step) from a checkpoint, in one process, without a process group: for generate and export."""
+    """(model, config, step) from a checkpoint, in one process, without a process group: for generate and export.
+    A `python -m smollm2.export --format safetensors` folder is accepted too."""
     from smollm2.model import SmolLM
 
+    if (Path(spec) / "model.safetensors").is_file() and (Path(spec) / "config.yaml").is_file():
+        return _load_safetensors_export(Path(spec), device)
     path = resolve(str(spec), Path(spec))
     if path is None:
         raise CheckpointError(f"no complete checkpoint under {spec}")
@@ -590,6 +593,26 @@ def load_model_for_inference(spec: str | Path, device: torch.device | str = "cpu
         raise _load_failure(path, err) from None
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg, int(meta["step"])
+
+
+def _load_safetensors_export(path: Path, device):
+    """A `python -m smollm2.export --format safetensors` folder: our names, the padded table, the run's config."""
+    from safetensors.torch import load_file
+
+    from smollm2.model import SmolLM
+
+    cfg = load_config(path / "config.yaml")
+    model = SmolLM(cfg.model)
+    try:
+        missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    except Exception as err:  # noqa: BLE001 - a damaged file (SafetensorError), shapes of another config (RuntimeError)
+        raise CheckpointError(f"cannot load {path / 'model.safetensors'}: {_one_line(err)}") from None
+    if unexpected or set(missing) - {"head.weight"}:  # the tied head is the embedding, stored once
+        raise CheckpointError(f"{path / 'model.safetensors'} does not fit its config.yaml: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]} (of {len(missing)}, {len(unexpected)})")
+    info = path / "smollm2_export.json"
+    step = int(json.loads(info.read_text())["step"]) if info.is_file() else 0
+    return model.to(device).eval(), cfg, step
 
 
 # --------------------------------------------------------------------------------------------------------------- CLI

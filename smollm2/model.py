@@ -37,9 +37,10 @@ def padded_vocab_size(cfg: ModelConfig) -> int:
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [T, head_dim] for the given positions (rotate-half layout: the two halves share frequencies)."""
+    """cos/sin [T, head_dim] for positions [T]; [B, 1, T, head_dim] for per-row positions [B, T] (rotate-half layout)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(positions.float(), inv_freq)  # [T, head_dim/2]
+    angles = positions.float().unsqueeze(-1) * inv_freq  # [..., T, head_dim/2]: for [T], exactly torch.outer
+    angles = angles if positions.dim() == 1 else angles.unsqueeze(1)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
@@ -80,6 +81,17 @@ class KVCache:
 # --------------------------------------------------------------------------------------------------------------- blocks
 
 
+def left_padding(left_pad: torch.Tensor, start_pos: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row RoPE positions [B, T] and attention mask [B, 1, T, start_pos + T] for the slots start_pos.. of left-padded
+    rows (batched generation): row b's first left_pad[b] slots are padding; its real tokens count positions from 0 and
+    never see the padding. A padding query sees only itself, so no softmax row is empty (NaN)."""
+    slots = torch.arange(start_pos + T, device=left_pad.device)
+    query = slots[start_pos:, None]  # [T, 1]
+    real = (slots >= left_pad[:, None])[:, None, :]  # [B, 1, keys]
+    mask = (real | (slots == query)) & (slots <= query)  # [B, T, keys]
+    return (query.squeeze(1) - left_pad[:, None]).clamp(min=0), mask.unsqueeze(1)
+
+
 def naive_attention(q, k, v, causal_offset: int | None):
     """Reference attention: explicit masked softmax. `causal_offset` = position of q[0] among the keys (None: no mask)."""
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
@@ -98,16 +110,18 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=True)
         self.backend = cfg.attention
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0):
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0, mask: torch.Tensor | None = None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, start_pos, k, v)
-        y = self._attend(q, k, v, start_pos)
+        y = self._attend(q, k, v, start_pos, mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
-    def _attend(self, q, k, v, start_pos: int):
+    def _attend(self, q, k, v, start_pos: int, mask: torch.Tensor | None = None):
+        if mask is not None:  # left-padded rows (batched generation): only SDPA takes a per-row mask
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         backend = self.backend
         if backend == AttentionBackend.auto:
             usable = flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
@@ -153,13 +167,13 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.recompute = recompute
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0):
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0, mask: torch.Tensor | None = None):
         if self.recompute is not None and kv_cache is None and torch.is_grad_enabled():
             return self.recompute(self._forward, x, cos, sin)
-        return self._forward(x, cos, sin, kv_cache, start_pos)
+        return self._forward(x, cos, sin, kv_cache, start_pos, mask)
 
-    def _forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0):
-        x = x + self.attn(self.norm1(x), cos, sin, kv_cache, start_pos)
+    def _forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0, mask: torch.Tensor | None = None):
+        x = x + self.attn(self.norm1(x), cos, sin, kv_cache, start_pos, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -181,16 +195,21 @@ class SmolLM(nn.Module):
         self.head.weight = self.embed.weight  # tied
         self.compiled_loss = compiled_loss
 
-    def forward(self, idx, targets=None, *, kv_cache: KVCache | None = None, start_pos: int = 0):
-        """idx [B, T] -> logits [B, T, padded_vocab] (padded columns -inf), or the mean cross-entropy if targets given."""
+    def forward(self, idx, targets=None, *, kv_cache: KVCache | None = None, start_pos: int = 0,
+                left_pad: torch.Tensor | None = None):
+        """idx [B, T] -> logits [B, T, padded_vocab] (padded columns -inf), or the mean cross-entropy if targets given.
+        `left_pad` [B]: row b starts with that many padding slots (batched prompts of different lengths; see
+        `left_padding`); `start_pos` counts slots, padding included."""
         T = idx.shape[1]
-        positions = torch.arange(start_pos, start_pos + T, device=idx.device)
+        positions, mask = torch.arange(start_pos, start_pos + T, device=idx.device), None
+        if left_pad is not None:
+            positions, mask = left_padding(left_pad.to(idx.device), start_pos, T)
         # fp32 tables whatever dtype the weights run in (apply_rope rotates in fp32): in bf16, cos/sin would keep 8
         # significant bits. Whatever wraps the blocks must hand them over unconverted.
         cos, sin = rope_cos_sin(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_theta)
         x = self.embed(idx)
         for block in self.blocks:
-            x = block(x, cos, sin, kv_cache, start_pos)
+            x = block(x, cos, sin, kv_cache, start_pos, mask)
         x = self.norm(x)
         if targets is not None:
             return self.loss(x, targets)

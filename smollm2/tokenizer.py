@@ -75,6 +75,10 @@ class Tokenizer:
     def encode_batch(self, texts: list[str], *, num_threads: int = 8) -> list[list[int]]:
         return self._enc.encode_ordinary_batch(texts, num_threads=num_threads)
 
+    def token_bytes(self, token: int) -> bytes:
+        """One token's bytes (a character may span tokens: streaming decodes these incrementally)."""
+        return b"" if token >= EOS_ID else self._enc.decode_single_token_bytes(token)
+
     def decode(self, ids, *, skip_special: bool = True) -> str:
         ids = [int(i) for i in ids]
         if skip_special:

@@ -219,7 +219,11 @@ def test_generate_on_a_missing_path(tmp_path):
 
 
 def test_generate_with_a_prompt_longer_than_the_context(trained):
-    proc = refused(("smollm2.generate", "--checkpoint", str(trained / "checkpoints" / "latest"), "--prompt", "word " * 200),
-                   "is 201 tokens; the model's context (model.max_seq_len) is 128: shorten it to under 128 tokens",
-                   trained / "checkpoints")
-    assert proc.stdout == ""  # every prompt is checked before any output
+    """Not an error: the prompt keeps its last max_seq_len - 1 tokens, a warning says so, and one new token follows."""
+    before = snapshot(trained / "checkpoints")
+    proc = cli("smollm2.generate", "--checkpoint", str(trained / "checkpoints" / "latest"), "--prompt", "word " * 200)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert ("it is 201 tokens and the model's context (model.max_seq_len) is 128: prompt truncated to its last 127 tokens"
+            in proc.stderr), proc.stderr
+    assert proc.stdout.startswith("word " * 200)
+    assert snapshot(trained / "checkpoints") == before

@@ -10,12 +10,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # smollm2's modules in layers: a module imports only from lower layers (data_prep -> shards/manifest -> data -> train ->
 # step -> model/loss, with parallelize between config and the model).
 LAYERS = [
-    {"errors", "files", "loss", "step", "gradflow"},
+    {"errors", "files", "loss", "step", "gradflow", "space_app"},
     {"config", "tokenizer", "shards", "manifest", "ranklog", "plot"},
-    {"data", "distributed", "model", "optim", "metrics", "tracking"},
+    {"data", "distributed", "model", "optim", "metrics", "tracking", "hf_tokenizer"},
     {"parallelize", "checkpoint"},
-    {"generate"},
-    {"train"},
+    {"generate", "export"},
+    {"train", "evaluate", "app"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 DATA_PREP_MAY_USE = {"errors", "files", "config", "tokenizer", "shards", "manifest"}
