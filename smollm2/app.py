@@ -37,12 +37,11 @@ def hf_folder(spec: str) -> Path:
     `checkpoints/latest` or a run directory is exported once to `<run_dir>/export/hf-step-NNNNNN` and reused from there
     on later starts; where that cannot be written (a read-only run directory) or the checkpoint is not inside a run
     (a `--format safetensors` export), the export goes to a temporary folder removed when the app exits."""
-    from smollm2.export import export, run_info
+    from smollm2.export import export, find_hf_folder, run_info
 
     path = Path(spec)
-    for folder in (path, path / "model"):
-        if (folder / "config.json").is_file():
-            return folder
+    if (folder := find_hf_folder(path)) is not None:
+        return folder
     if not path.exists():
         raise UserError(f"--model {spec} not found: give an exported folder, a checkpoint or a run directory")
     ckpt, _ = run_info(spec)

@@ -574,7 +574,7 @@ def load_model_for_inference(spec: str | Path, device: torch.device | str = "cpu
     A `python -m smollm2.export --format safetensors` folder is accepted too."""
     from smollm2.model import SmolLM
 
-    if (Path(spec) / "model.safetensors").is_file() and (Path(spec) / "config.yaml").is_file():
+    if is_safetensors_export(Path(spec)):
         return _load_safetensors_export(Path(spec), device)
     path = resolve(str(spec), Path(spec))
     if path is None:
@@ -593,6 +593,11 @@ def load_model_for_inference(spec: str | Path, device: torch.device | str = "cpu
         raise _load_failure(path, err) from None
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg, int(meta["step"])
+
+
+def is_safetensors_export(path: Path) -> bool:
+    """A `python -m smollm2.export --format safetensors` folder (what load_model_for_inference reads besides DCP)."""
+    return (path / "model.safetensors").is_file() and (path / "config.yaml").is_file()
 
 
 def _load_safetensors_export(path: Path, device):

@@ -37,20 +37,16 @@ def _log(message: str) -> None:
     print(f"evaluate: {message}", file=sys.stderr, flush=True)
 
 
-def _is_hf_folder(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
-
-
 def hf_folder(spec: str, stack: ExitStack, dtype: str) -> Path:
     """`spec` itself if it is an exported `transformers` folder (or a Space folder's model/); otherwise a checkpoint (or
     a safetensors export), exported to a temporary folder that `stack` removes."""
+    from smollm2.export import export, find_hf_folder
+
     path = Path(spec)
-    for candidate in (path, path / "model"):
-        if _is_hf_folder(candidate):
-            return candidate
+    if (folder := find_hf_folder(path)) is not None:
+        return folder
     if not path.exists():
         raise EvalError(f"--model {spec} does not exist (an export folder, a checkpoint or a run directory)")
-    from smollm2.export import export
 
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="smollm2-eval-")))
     _log(f"{spec} is not a transformers folder: exporting it to {tmp / 'hf'} first")

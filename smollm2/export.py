@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from smollm2.checkpoint import load_model_for_inference, read_meta, resolve
+from smollm2.checkpoint import is_safetensors_export, load_model_for_inference, read_meta, resolve
 from smollm2.config import Config, ModelConfig, to_yaml
 from smollm2.errors import UserError
+from smollm2.files import read_jsonl
 from smollm2.tokenizer import EOS_ID, PAD_ID
 
 FORMATS = ("hf", "safetensors", "space")
@@ -76,21 +77,18 @@ def neox_state_dict(model, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def _is_safetensors_export(path: Path) -> bool:
-    return (path / "model.safetensors").is_file() and (path / "config.yaml").is_file()
-
-
-def _json_or_none(line: str):
-    try:
-        return json.loads(line)
-    except ValueError:
-        return None
+def find_hf_folder(spec: str | Path) -> Path | None:
+    """SPEC itself if it is a `transformers` export, or its `model/` if it is a Space folder; None otherwise."""
+    for folder in (Path(spec), Path(spec) / "model"):
+        if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
+            return folder
+    return None
 
 
 def run_info(spec: str) -> tuple[Path, dict]:
     """The checkpoint a spec means (or a `safetensors` export folder), and what the card shows: tokens seen and the
     run's val loss at that step (the last eval at or before it in <run_dir>/eval.jsonl; None without one)."""
-    if _is_safetensors_export(Path(spec)):
+    if is_safetensors_export(Path(spec)):
         saved = json.loads((Path(spec) / INFO_FILE).read_text()) if (Path(spec) / INFO_FILE).is_file() else {}
         return Path(spec), {"source_checkpoint": saved.get("source_checkpoint", str(Path(spec).resolve())),
                             "val_loss": saved.get("val_loss"), "tokens_seen": saved.get("tokens_seen")}
@@ -106,9 +104,7 @@ def run_info(spec: str) -> tuple[Path, dict]:
     evals = path.parent.parent / "eval.jsonl"  # <run_dir>/checkpoints/step-N -> <run_dir>/eval.jsonl
     if evals.is_file():
         step = int(read_meta(path)["step"])
-        rows = [_json_or_none(line) for line in evals.read_text().splitlines()]  # a crash can leave half a line
-        before = [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step
-                  and "val_loss" in r]
+        before = [r for r in read_jsonl(evals) if r["step"] <= step and "val_loss" in r]  # torn lines skipped
         info["val_loss"] = before[-1]["val_loss"] if before else None
     return path, info
 

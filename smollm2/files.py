@@ -1,4 +1,4 @@
-"""File helpers shared by the whole project: the one atomic JSON writer and the one file hash.
+"""File helpers shared by the whole project: the one atomic JSON writer, the one file hash, the one JSONL reader.
 
 `atomic_write_json` writes `<name>.tmp` next to the target, fsyncs it and renames it over the target, so a reader (or
 a crash) sees the old file or the new one, never a partial one. `sha256_file` hashes a file in 1 MiB blocks, so a shard
@@ -45,3 +45,20 @@ def sha256_file(path: str | Path) -> str:
 
 
 __all__ = ["atomic_write_json", "sha256_file"]
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The step records of a JSONL file the trainer appends to (metrics, eval, events): the rows that are objects with an
+    integer `step`. A torn last line (a killed run) is skipped; a missing file is no rows."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows

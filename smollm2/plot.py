@@ -12,13 +12,13 @@ appear twice: every attempt is drawn as it ran, in its own colour.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from smollm2.errors import UserError
+from smollm2.files import read_jsonl
 
 Row = dict[str, Any]
 MAX_GROUP_LINES = 12  # more gradient-flow groups than this (the 135M model has 38) are drawn as a heatmap
@@ -32,21 +32,6 @@ class Mark(NamedTuple):
     step: int
     label: str
     kind: str
-
-
-def read_jsonl(path: Path) -> list[Row]:
-    """The rows of a JSONL file; a torn last line (a killed run) is skipped, a missing file is no rows."""
-    rows = []
-    if not path.is_file():
-        return rows
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-    return rows
 
 
 def segments(rows: list[Row]) -> list[list[Row]]:

@@ -9,7 +9,8 @@ import matplotlib.image
 import pytest
 
 from smollm2.errors import UserError
-from smollm2.plot import Mark, plot_run, read_jsonl, segments
+from smollm2.files import read_jsonl
+from smollm2.plot import Mark, plot_run, segments
 
 ROOT = Path(__file__).resolve().parents[1]
 
