@@ -13,12 +13,10 @@
 # Rerunning it continues. After forwarding a signal torchrun waits SMOLLM2_STOP_GRACE_S seconds (default 300) for the
 # ranks to exit, then SIGKILLs them: keep it above a log interval plus a checkpoint (a seed-model save: ~5 s).
 #
-# What torchrun can do depends on the torch version (read from `torchrun --help` below):
-#   torch >= 2.12  --signals-to-handle (forwards SIGUSR1 too) and --shutdown-timeout (the grace period) are passed.
-#   torch 2.10-11  --signals-to-handle only; the grace period is fixed at 30 s (SimpleElasticAgent._shutdown's default).
-#   torch <= 2.9   neither: torchrun forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT only, with 30 s. SIGUSR1 sent to this script
-#                  is passed on as SIGTERM (the trainer treats both alike); SIGUSR1 sent to torchrun itself kills it.
-# (TORCHELASTIC_SIGNALS_TO_HANDLE is no fallback: the versions that read it also overwrite it with the flag's value.)
+# What torchrun can do depends on the torch version: see torchrun_flags in launch/env.sh.
+#
+# Crashes: MAX_RESTARTS=N (NPROC > 1) makes torchrun restart every rank up to N times when one dies; they continue from
+# the newest complete checkpoint by themselves (the launch line passes --resume latest).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/env.sh"
@@ -33,23 +31,14 @@ P2=${PHASE2_STEPS:-5050}
 # The run dir the trainer will use (config + overrides); a bad config stops here with its one-line error (exit 2).
 run_dir=$($PYTHON -m smollm2.checkpoint run-dir "$config" "$@")
 STOP_CODE=75  # smollm2.errors.STOP_EXIT_CODE
-usr1_as=USR1  # the signal this script passes on when it receives SIGUSR1 (see the versions above)
+usr1_as=USR1  # the signal this script passes on when it receives SIGUSR1 (see torchrun_flags in launch/env.sh)
 if [ "$NPROC" = "1" ]; then
   # shellcheck disable=SC2206  # unquoted on purpose, as everywhere here: PYTHON may carry flags ("python -X dev")
   launcher=($PYTHON)  # one process, no torchrun: the trainer gets the signals itself
 else
-  launcher=(torchrun --standalone --nproc_per_node="$NPROC")
-  # torchrun forwards only SIGTERM, SIGINT, SIGHUP and SIGQUIT by default: SIGUSR1 (SLURM's warning signal) kills it at
-  # once (exit 138) and orphans the ranks, which never hear of it.
-  torchrun_help=$(torchrun --help 2>/dev/null || true)
-  if grep -q -- "--signals-to-handle" <<<"$torchrun_help"; then
-    launcher+=("--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
-  else
-    usr1_as=TERM
-  fi
-  if grep -q -- "--shutdown-timeout" <<<"$torchrun_help"; then
-    launcher+=(--shutdown-timeout="${SMOLLM2_STOP_GRACE_S:-300}")
-  fi
+  torchrun_flags
+  launcher=(torchrun --standalone --nproc_per_node="$NPROC" "${TORCHRUN_FLAGS[@]}")
+  usr1_as=$USR1_AS
 fi
 
 phase() {  # phase NAME STEPS [extra args...]

@@ -42,6 +42,7 @@ import random
 import re
 import shutil
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -168,10 +169,10 @@ def _written_files(metadata: Any, world_size: int) -> list[str]:
     return sorted({".metadata", *shards, *(f"rng/rank-{rank:05d}.pt" for rank in range(world_size))})
 
 
-def _gather(part: Any, world_size: int) -> list[Any]:
+def _gather(part: Any, world_size: int, group=None) -> list[Any]:
     if world_size > 1 and dist.is_initialized():
         parts: list[Any] = [None] * world_size
-        dist.all_gather_object(parts, part)
+        dist.all_gather_object(parts, part, group=group)
         return parts
     return [part]
 
@@ -295,9 +296,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _warn(message: str) -> None:
@@ -307,13 +308,20 @@ def _warn(message: str) -> None:
 class Checkpointer:
     """A run's checkpoints. `choose`, `save` and `load` are collective: all ranks call them, in the same order."""
 
-    def __init__(self, ckpt_root: str | Path, keep_last: int, rank: int, world_size: int, keep_every: int = 0):
+    def __init__(self, ckpt_root: str | Path, keep_last: int, rank: int, world_size: int, keep_every: int = 0,
+                 async_save: bool = False):
         self.root = Path(ckpt_root)
         self.keep_last, self.keep_every, self.rank, self.world_size = keep_last, keep_every, rank, world_size
+        self.async_save = async_save
+        # The collectives of the save and commit running in the background use a group of their own (gloo: DCP plans on
+        # the CPU): two threads' collectives on one group could interleave differently on different ranks.
+        self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        self._pending: _PendingSave | None = None
+        self._stager = _host_stager() if async_save else None
 
     # -------------------------------------------------------------------------------------------- agreeing ranks
 
-    def _from_rank0(self, decide: Callable[[], Any]) -> Any:
+    def _from_rank0(self, decide: Callable[[], Any], group=None) -> Any:
         """Rank 0 runs `decide` and every rank returns its result, or raises its error: a CheckpointError with the same
         message on every rank (rank 0 re-raises an error that is not a UserError as it is, with its traceback)."""
         result, error, user, failure = None, None, True, None
@@ -325,16 +333,16 @@ class Checkpointer:
                 error = str(err) if user else f"rank 0: {_one_line(err)}"
         if self.world_size > 1 and dist.is_initialized():
             shared = [result, error, user]
-            dist.broadcast_object_list(shared, src=0)
+            dist.broadcast_object_list(shared, src=0, group=group)
             result, error, user = shared
         if error is None:
             return result
-        _barrier()  # see verify_files: every rank has the message before any tears the group down
+        _barrier(group)  # see verify_files: every rank has the message before any tears the group down
         if failure is not None and not isinstance(failure, CheckpointError):
             raise failure
         raise (CheckpointError if user else RuntimeError)(error)
 
-    def _together(self, work: Callable[[], Any], cleanup: Callable[[], None] | None = None) -> list[Any]:
+    def _together(self, work: Callable[[], Any], cleanup: Callable[[], None] | None = None, group=None) -> list[Any]:
         """Every rank runs `work`; returns the results by rank. If it failed on any rank, rank 0 runs `cleanup` (every rank
         is past `work` then) and every rank raises the lowest failing rank's error as a CheckpointError (a UserError
         there) or a RuntimeError (a bug, whose traceback that rank keeps as the cause)."""
@@ -344,13 +352,13 @@ class Checkpointer:
         except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
             failure, user = err, isinstance(err, UserError)
             error = str(err) if user else _one_line(_root_cause(err))
-        outcomes = _gather((result, error, user), self.world_size)
+        outcomes = _gather((result, error, user), self.world_size, group)
         failed = [(rank, error, user) for rank, (_, error, user) in enumerate(outcomes) if error is not None]
         if not failed:
             return [result for result, _, _ in outcomes]
         if cleanup is not None and self.rank == 0:
             cleanup()
-        _barrier()
+        _barrier(group)
         rank, error, user = failed[0]
         if user:
             raise CheckpointError(error) from failure
@@ -373,8 +381,10 @@ class Checkpointer:
     def _choose(self, spec: str | None) -> str | None:  # rank 0
         if not spec:
             if (existing := find_latest(self.root)) is not None:
+                restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+                hint = " (torchrun restarted the ranks: with it in the launch line, a restart continues)" if restarted else ""
                 raise CheckpointError(f"{self.root.parent} already holds checkpoints (latest: {existing.name}); pass "
-                                      "--resume latest to continue that run, or set a new train.run_dir")
+                                      f"--resume latest to continue that run{hint}, or set a new train.run_dir")
             return None
         if spec == "latest":
             found = list_checkpoints(self.root)
@@ -403,11 +413,15 @@ class Checkpointer:
     # ------------------------------------------------------------------------------------------------------ save
 
     def save(self, step: int, model, optimizer, train_state: dict[str, Any], cfg: Config, final: bool = False) -> Path:
-        """Collective: every rank calls it. Returns the committed directory. `final`: the run's last checkpoint
-        (train.max_steps reached), kept forever like the multiples of keep_every.
+        """Collective: every rank calls it. Returns the directory the checkpoint is (or, saving in the background, will
+        be) committed as. `final`: the run's last checkpoint (train.max_steps reached), kept forever like the multiples
+        of keep_every.
 
         A failure (a full disk, a quota, permissions) on any rank raises the same one-line CheckpointError on every
-        rank; the unfinished `.tmp-step-*` directory is removed and the previous checkpoint stays the latest."""
+        rank; the unfinished `.tmp-step-*` directory is removed and the previous checkpoint stays the latest. With
+        `async_save`, this returns once the state is copied to host memory; the files are written, checked and
+        committed by a background thread, and its failure is raised by the next `save` or by `wait`."""
+        self.wait()  # one save at a time: the previous one is committed (or has failed) before this one starts
         target = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{step_dir_name(step)}"
         # Decided by rank 0 alone: a rank that (through a stale cache) saw the step as saved would skip the collectives
@@ -415,33 +429,32 @@ class Checkpointer:
         done, previous = self._from_rank0(lambda: self._prepare(step, target, tmp, final))
         if done:
             return target
-
-        def failing_as(work: Callable[[], Any]) -> Callable[[], Any]:
-            """`work`, its OSError (DCP's wrapped in a CheckpointException) raised as the save's one-line error."""
-            def run() -> Any:
-                try:
-                    return work()
-                except (Exception, CheckpointException) as err:
-                    if isinstance(cause := _root_cause(err), OSError):
-                        raise self._save_error(step, target, previous, cause) from err
-                    raise
-            return run
-
-        def remove_tmp() -> None:  # best effort: a leftover is removed by the next save at this step anyway
-            shutil.rmtree(tmp, ignore_errors=True)
-
-        # Every rank writes its shards and RNG states (DCP shares its own failures between the ranks; _together the rest).
-        names = self._together(failing_as(lambda: self._write(tmp, model, optimizer)), remove_tmp)[self.rank]
-        # ... and hashes a share of all the files, once every rank's are written.
-        shares = self._together(failing_as(lambda: {name: file_digest(tmp / name)
-                                                    for name in names[self.rank :: self.world_size]}), remove_tmp)
-        files = dict(sorted(item for share in shares for item in share.items()))
-        meta = {"step": step, "world_size": self.world_size, "final": final, "rng_format": RNG_FORMAT,
-                "model": to_dict(cfg.model), "config": to_dict(cfg), "files": files,
-                "versions": {"smollm2": smollm2.__version__, "torch": torch.__version__, "python": sys.version.split()[0]},
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        self._from_rank0(failing_as(lambda: self._commit(tmp, target, train_state, cfg, meta, remove_tmp)))
+        save = _SaveJob(self, step, target, tmp, previous, train_state, cfg, final)
+        if not self.async_save:
+            save.finish(self._together(save.failing_as(lambda: self._write(tmp, model, optimizer)), save.remove_tmp))
+            return target
+        # The blocking part: every rank copies its shards to host memory and starts writing them in the background.
+        futures: list = []  # this rank's write (not gathered: a future does not pickle)
+        self._together(save.failing_as(lambda: futures.append(self._start_write(tmp, model, optimizer))), save.remove_tmp)
+        self._pending = _PendingSave(save, futures[0])
         return target
+
+    def wait(self) -> Path | None:
+        """Collective with `async_save`: wait until the background save (if any) is committed; returns its directory.
+        Raises its failure (the same CheckpointError on every rank). Without `async_save`, nothing to wait for."""
+        pending, self._pending = self._pending, None
+        return None if pending is None else pending.result()
+
+    def _start_write(self, tmp: Path, model, optimizer):  # every rank
+        """Stage this rank's shards in host memory and write them from a background thread (DCP's async save, on the
+        checkpoint's own group); the RNG file, a few KB, is written now."""
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        stager = {} if self._stager is None else {"async_stager": self._stager}
+        future = dcp.async_save({"model": model_sd, "optim": optim_sd}, process_group=self._group,
+                                storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), **stager)
+        future = getattr(future, "upload_completion", future)  # torch >= 2.9 with async staging returns both futures
+        _write_synced(tmp / "rng" / f"rank-{self.rank:05d}.pt", lambda f: torch.save(_rng_state(), f))
+        return future
 
     def _prepare(self, step: int, target: Path, tmp: Path, final: bool) -> tuple[bool, str | None]:  # rank 0
         """(whether `target` is already saved, e.g. resumed at this very step; the newest complete checkpoint, which is
@@ -557,6 +570,85 @@ class Checkpointer:
             _set_rng_state(torch.load(rng_file, weights_only=meta.get("rng_format", 1) >= 2))
         except Exception as err:  # noqa: BLE001 - an unreadable or foreign file: say which
             raise CheckpointError(f"cannot load {rng_file}: {_one_line(err)}") from None
+
+
+def _host_stager():
+    """One host copy of the state, reused by every save (the first allocates it, the next ones copy into it; pinned on
+    CUDA, for fast device-to-host copies). None where torch has no DefaultStager (< 2.9): DCP then allocates a copy
+    per save."""
+    try:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    except ImportError:
+        return None
+    return DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
+                                        use_async_staging=False, use_non_blocking_copy=False))
+
+
+class _SaveJob:
+    """One checkpoint save after its data files are written: every rank hashes a share of them, then rank 0 writes
+    meta.json (sizes and digests), train_state.json, config.yaml and COMPLETE, and renames the directory (the commit).
+    In the foreground (sync), or on the background thread (async, its collectives on the checkpointer's own group)."""
+
+    def __init__(self, ckpt: Checkpointer, step: int, target: Path, tmp: Path, previous: str | None,
+                 train_state: dict[str, Any], cfg: Config, final: bool):
+        self.ckpt, self.step, self.target, self.tmp, self.previous = ckpt, step, target, tmp, previous
+        self.train_state, self.cfg, self.final = train_state, cfg, final
+
+    def failing_as(self, work: Callable[[], Any]) -> Callable[[], Any]:
+        """`work`, its OSError (DCP's wrapped in a CheckpointException) raised as the save's one-line error."""
+        def run() -> Any:
+            try:
+                return work()
+            except (Exception, CheckpointException) as err:
+                if isinstance(cause := _root_cause(err), OSError):
+                    raise self.ckpt._save_error(self.step, self.target, self.previous, cause) from err
+                raise
+        return run
+
+    def remove_tmp(self) -> None:  # best effort: a leftover is removed by the next save at this step anyway
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def finish(self, names_by_rank: list[list[str]], group=None) -> Path:
+        ckpt, tmp = self.ckpt, self.tmp
+        names = names_by_rank[ckpt.rank]
+        shares = ckpt._together(self.failing_as(lambda: {name: file_digest(tmp / name)
+                                                         for name in names[ckpt.rank :: ckpt.world_size]}),
+                                self.remove_tmp, group)
+        files = dict(sorted(item for share in shares for item in share.items()))
+        meta = {"step": self.step, "world_size": ckpt.world_size, "final": self.final, "rng_format": RNG_FORMAT,
+                "model": to_dict(self.cfg.model), "config": to_dict(self.cfg), "files": files,
+                "versions": {"smollm2": smollm2.__version__, "torch": torch.__version__, "python": sys.version.split()[0]},
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        ckpt._from_rank0(self.failing_as(lambda: ckpt._commit(tmp, self.target, self.train_state, self.cfg, meta,
+                                                              self.remove_tmp)), group)
+        return self.target
+
+
+class _PendingSave:
+    """A save writing in the background: the thread waits for this rank's DCP write, then every rank's (a collective on
+    the checkpointer's group), then finishes the save (hashes, commit). `result()` joins it and raises what failed."""
+
+    def __init__(self, job: _SaveJob, future):
+        self.job, self.future = job, future
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"checkpoint-{job.step}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        job, ckpt = self.job, self.job.ckpt
+        try:
+            def written() -> list[str]:
+                return _written_files(self.future.result(), ckpt.world_size)
+            names = ckpt._together(job.failing_as(written), job.remove_tmp, ckpt._group)
+            job.finish(names, ckpt._group)
+        except BaseException as err:  # noqa: BLE001 - raised in the training thread by result()
+            self.error = err
+
+    def result(self) -> Path:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.job.target
 
 
 def _read_train_state(path: Path) -> dict[str, Any]:

@@ -161,9 +161,20 @@ class TrainConfig:
     device: Device = Device.auto
     reshard_after_forward: bool = True
     fsdp_wrap: FsdpWrap = FsdpWrap.auto
+    # HSDP: ranks per shard group (parameters sharded inside a group, replicated across groups; gradients reduce-scattered
+    # in the group, then all-reduced across groups). 0 = all ranks, plain FSDP. On a cluster: the GPUs of one node.
+    dp_shard: int = 0
+    # The gradients' dtype on the wire (reduce-scatter / all-reduce) under train.dtype=bf16: fp32 is exact, bf16 halves the
+    # bytes and rounds each rank's contribution (bench/NOTES.md, "Multi-node").
+    reduce_dtype: Dtype = Dtype.fp32
+    # How long any collective (and joining the process group) may wait for the other ranks before it fails with an error
+    # naming the operation, instead of hanging. A first checkpoint of the seed model on slow shared storage can take
+    # minutes: keep it well above one.
+    dist_timeout_min: float = 30.0
 
     def check(self) -> None:
-        _positive(self, "train.", "max_steps", "grad_accum")
+        _positive(self, "train.", "max_steps", "grad_accum", "dist_timeout_min")
+        _non_negative(self, "train.", "dp_shard")
         _require(bool(self.run_dir), "train.run_dir", "must not be empty")
 
 
@@ -239,6 +250,10 @@ class CheckpointConfig:
     # Kept forever, never rotated by keep_last: checkpoints at multiples of keep_every (0 = none) and each run's final
     # one, so a later phase's checkpoints (preemption saves) cannot delete the step a phase ended at.
     keep_every: int = 500
+    # Save in the background (DCP's async save): training stalls only for the device-to-host copy; the files are written
+    # while it continues. The next save (and the end of the run) waits for the previous one, which is committed
+    # (COMPLETE, the rename, `latest`) only once every rank's write finished. Costs one host copy of the state in memory.
+    async_save: bool = False
 
     def check(self) -> None:
         _non_negative(self, "checkpoint.", "interval", "keep_last", "keep_every")

@@ -11,6 +11,7 @@ import datetime
 import os
 import secrets
 import socket
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -52,8 +53,10 @@ def device_index(local_rank: int, device_count: int) -> int:
     return local_rank % device_count
 
 
-def init_distributed(device_pref: Device | str = Device.auto, timeout_minutes: int = 30) -> DistEnv:
-    """Join (or, for a plain `python -m`, create) the process group and pick this rank's device."""
+def init_distributed(device_pref: Device | str = Device.auto, timeout_minutes: float = 30) -> DistEnv:
+    """Join (or, for a plain `python -m`, create) the process group and pick this rank's device. `timeout_minutes`
+    (train.dist_timeout_min) bounds joining the group and every collective after it: a rank left waiting for another
+    fails with an error naming the operation instead of hanging."""
     if "RANK" not in os.environ:  # not under torchrun/srun: a process group of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -70,8 +73,78 @@ def init_distributed(device_pref: Device | str = Device.auto, timeout_minutes: i
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and world_size > 1:
+            store = attempt_store(rank, timeout)
+            dist.init_process_group(backend=backend, store=store.prefixed, rank=rank, world_size=world_size,
+                                    timeout=timeout)
+            dist.barrier()  # every rank has joined this attempt's group: rank 0 may stop proving it is alive
+            store.close()
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
     return DistEnv(rank, world_size, local_rank, device)
+
+
+# ------------------------------------------------------------------------------------------ restarts under torchrun
+# torchrun (torch >= 2.5) hosts the ranks' store in its agent and keeps it across `--max-restarts` restarts, so the keys
+# each attempt's process group writes (every rank's gloo/NCCL address) are still there when the next attempt starts.
+# A rank of the new attempt that reads another's key before that rank rewrote it gets the dead attempt's address and
+# waits for it: "Connection refused", or a silent hang until the group's timeout (seen: 35 minutes, no output, a
+# restart that never trained). torchrun's own per-attempt counter (TORCHELASTIC_RESTART_COUNT) is not the same on every
+# node (only the node whose worker failed counts a restart), so it cannot name the attempt either.
+#
+# What every rank of one attempt can agree on: rank 0 publishes a fresh random name under one key and, until every rank
+# has joined, keeps a counter under that name ticking. Another rank takes the published name only once it has seen the
+# counter move: a dead attempt's rank 0 ticks no more, so a stale name is never taken. The group's keys then live under
+# that name, new for every attempt.
+
+_ATTEMPT_KEY = "smollm2/attempt"
+_TICK_S = 0.1
+
+
+class _AttemptStore:
+    def __init__(self, base, name: str, ticker: threading.Event | None):
+        self.prefixed = dist.PrefixStore(f"smollm2/{name}/", base)
+        self.name, self._stop = name, ticker
+
+    def close(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+
+def _tick(key: str, stop: threading.Event, timeout: datetime.timedelta) -> None:
+    # A connection of its own: the main thread's client is blocked in the group's rendezvous meanwhile (a store get).
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    while not stop.is_set():
+        with contextlib.suppress(Exception):  # the store going away ends the attempt anyway
+            store.add(key, 1)
+        stop.wait(_TICK_S)
+
+
+def attempt_store(rank: int, timeout: datetime.timedelta, *, check_s: float = 1.0):
+    """This attempt's store (see above): the agent's store under a name fresh for every attempt, agreed on by all ranks.
+    Bounded: a rank that sees no live name within `timeout` raises an error saying what it waited for."""
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    if rank == 0:
+        name = f"{secrets.token_hex(8)}-{socket.gethostname()}-{os.getpid()}"
+        stop = threading.Event()
+        base.add(f"{_ATTEMPT_KEY}/{name}/tick", 1)
+        threading.Thread(target=_tick, args=(f"{_ATTEMPT_KEY}/{name}/tick", stop, timeout), name="attempt-tick",
+                         daemon=True).start()
+        base.set(_ATTEMPT_KEY, name)
+        return _AttemptStore(base, name, stop)
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        name = base.get(_ATTEMPT_KEY).decode()  # waits (up to the timeout) for rank 0's first publication
+        tick = f"{_ATTEMPT_KEY}/{name}/tick"
+        before = base.add(tick, 0)
+        time.sleep(check_s)
+        if base.add(tick, 0) > before:
+            return _AttemptStore(base, name, None)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: rank 0 of this attempt did not publish a live store name under "
+                               f"'{_ATTEMPT_KEY}' at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within "
+                               f"{timeout} (train.dist_timeout_min): is rank 0 running?")
 
 
 def shutdown() -> None:

@@ -34,17 +34,24 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def counted_here(t: torch.Tensor) -> bool:
+    """Whether this rank's part of `t` is counted in a sum over all ranks that must count every element once: a plain
+    (replicated) tensor on rank 0 only; a DTensor's shard on the ranks at position 0 of every mesh dimension it is
+    replicated over (HSDP: the replicas of a shard hold the same values)."""
+    if not hasattr(t, "to_local"):
+        return not dist.is_initialized() or dist.get_rank() == 0
+    coordinate = t.device_mesh.get_coordinate() or []
+    return all(c == 0 for c, placement in zip(coordinate, t.placements) if placement.is_replicate())
+
+
 def _groups(model: torch.nn.Module, what: str) -> dict[str, list[tuple[torch.Tensor, bool]]]:
-    """group -> [(local tensor, counted_here)]: `what` is "grad" or "param". A plain (replicated) tensor is counted on rank
-    0 only, so that the all-reduce does not count it world-size times; a DTensor's shards are each counted once."""
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    """group -> [(local tensor, counted_here)]: `what` is "grad" or "param"; see `counted_here`."""
     groups: dict[str, list[tuple[torch.Tensor, bool]]] = {}
     for name, p in model.named_parameters():
         t = p.grad if what == "grad" else p.detach()
         if t is None:
             continue
-        sharded = hasattr(t, "to_local")
-        groups.setdefault(group_of(name), []).append((_local(t), sharded or rank0))
+        groups.setdefault(group_of(name), []).append((_local(t), counted_here(t)))
     return groups
 
 

@@ -15,6 +15,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from smollm2.config import Config, Dtype, FsdpWrap, Recompute
 from smollm2.distributed import DistEnv
+from smollm2.errors import ConfigError
 from smollm2.model import SmolLM
 
 
@@ -58,6 +59,22 @@ def fsdp_units(setting: FsdpWrap, world_size: int) -> FsdpWrap:
     return FsdpWrap(setting)
 
 
+def data_parallel_mesh(env: DistEnv, dp_shard: int):
+    """The device mesh FSDP2 shards over: 1-D (all ranks, plain FSDP) or, with train.dp_shard < world size, 2-D
+    (replicate x shard: HSDP). Rank r sits in shard group r // dp_shard at position r % dp_shard, so consecutive ranks (one
+    node's GPUs under torchrun and srun) share a shard group and only the gradient all-reduce crosses nodes. The data
+    order does not depend on it: the loader slices the global batch by global rank either way."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shard = dp_shard or env.world_size
+    if shard > env.world_size or env.world_size % shard:
+        raise ConfigError(f"train.dp_shard={dp_shard} must divide the world size ({env.world_size}): ranks per shard group "
+                          "(e.g. the GPUs of one node), or 0 for all ranks")
+    if shard == env.world_size:
+        return init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("shard",))
+    return init_device_mesh(env.device.type, (env.world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
+
+
 def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
     """Copy a full (unsharded) tensor into a parameter: its local shard if it is a DTensor, all of it otherwise."""
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -85,12 +102,13 @@ def build_model(cfg: Config, env: DistEnv, *, init_seed: int | None = None) -> S
     # which must stay fp32 (bf16 keeps 8 significant bits). Per-block units would round the tables to bf16; with one
     # root unit (its inputs are token ids) nothing is cast. Not casting makes both layouts, and so every world size,
     # compute the same math. Nothing else reads the flag: parameters are still all-gathered in bf16, gradients reduced
-    # in fp32.
+    # in train.reduce_dtype (fp32 by default).
     if cfg.train.dtype == Dtype.bf16:
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        reduce = torch.bfloat16 if cfg.train.reduce_dtype == Dtype.bf16 else torch.float32
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce, cast_forward_inputs=False)
     else:
         mp = MixedPrecisionPolicy()
-    shard = partial(fully_shard, mp_policy=mp)
+    shard = partial(fully_shard, mp_policy=mp, mesh=data_parallel_mesh(env, cfg.train.dp_shard))
     if fsdp_units(cfg.train.fsdp_wrap, env.world_size) == FsdpWrap.block:
         for block in model.blocks:
             shard(block, reshard_after_forward=cfg.train.reshard_after_forward)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import signal
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +43,7 @@ from smollm2.optim import LRSchedule, build_optimizer
 from smollm2.parallelize import build_model
 from smollm2.ranklog import RankLog, fault_hook
 from smollm2.step import train_step
+from smollm2.stopping import StopRequest, mark_stopped
 from smollm2.tokenizer import get_tokenizer
 from smollm2.tracking import make_wandb_sink, watching
 
@@ -67,25 +68,6 @@ def _value(tensor) -> float:
 def _log(env: DistEnv, message: str) -> None:
     if env.is_main:
         print(message, flush=True)
-
-
-class StopRequest:
-    """SIGTERM / SIGUSR1 (SLURM preemption, `scancel --signal`, torchrun forwarding): checkpoint at the next log step and
-    exit with STOP_EXIT_CODE. Installed first thing in `main`, so a signal during setup (data, model, checkpoint load,
-    WandB) is not fatal: the run stops before its first step instead, without a checkpoint."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 @torch.no_grad()
@@ -138,13 +120,6 @@ def _agree(env: DistEnv, watch: list[str]) -> list[bool]:
     return [bool(f) for f in flags.tolist()]
 
 
-def mark_stopped(run_dir: Path, env: DistEnv, step: int) -> None:
-    """Rank 0 leaves STOP_MARKER (read by launch/*.sh); a barrier, so no rank exits before it is written."""
-    if env.is_main:
-        (run_dir / STOP_MARKER).write_text(f"{step}\n")
-    dist.barrier()
-
-
 def train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainState:
     run_dir = Path(cfg.train.run_dir)
     check_shared_dir(run_dir, env)  # creates it; a node-local run_dir would fail only at the first checkpoint
@@ -163,10 +138,14 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainSt
     schedule = LRSchedule(cfg.optim)
     state = TrainState()
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank, env.world_size,
-                                keep_every=cfg.checkpoint.keep_every)
+                                keep_every=cfg.checkpoint.keep_every, async_save=cfg.checkpoint.async_save)
 
     # Rank 0 picks (and checks) the checkpoint, every rank follows: a stale directory cache on one node must not make
     # ranks resume from different checkpoints. Without --resume, a run_dir that holds checkpoints is an error.
+    if env.local_rank == 0 and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:  # counted by the node whose
+        print(f"rank {env.rank}: torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']} of "  # rank died
+              f"{os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}: continuing from the newest complete checkpoint",
+              flush=True)
     path = checkpointer.choose(cfg.train.resume)
     if cfg.train.resume:
         if path is None:
@@ -210,6 +189,14 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainSt
     if state.step >= cfg.train.max_steps:
         _log(env, f"already at step {state.step} >= train.max_steps={cfg.train.max_steps}: nothing to do")
 
+    in_flight: list[dict] = []  # the background save's event, logged once it is committed
+
+    def committed() -> None:  # collective: waits for the background save (async), then records it
+        checkpointer.wait()
+        for event in in_flight:
+            metrics.log("event", {**event, "time": time.time()})
+        in_flight.clear()
+
     def save() -> None:
         norm = _value(grad_norm)
         if not math.isfinite(norm):  # never write a diverged state over the good ones
@@ -217,12 +204,17 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainSt
                                    f"good checkpoint is kept in {run_dir / 'checkpoints'}")
         train_state = {"step": state.step, "tokens_seen": state.tokens_seen, "logger_run_id": state.logger_run_id,
                        "loader": loader.state_dict(), "schedule": schedule.state_dict()}
+        committed()
         start = time.perf_counter()
         final = state.step >= cfg.train.max_steps  # the run's last checkpoint: kept forever, never rotated by keep_last
         path = checkpointer.save(state.step, model, optimizer, train_state, cfg, final=final)
-        _log(env, f"checkpoint {path} ({time.perf_counter() - start:.1f}s)")
-        metrics.log("event", {"event": "checkpoint", "step": state.step, "path": str(path), "final": final,
-                              "time": time.time()})
+        stall = time.perf_counter() - start  # what training waited for: the whole save, or (async) the host copy
+        how = "; writing in the background" if cfg.checkpoint.async_save else ""
+        _log(env, f"checkpoint {path} ({stall:.1f}s{how})")
+        in_flight.append({"event": "checkpoint", "step": state.step, "path": str(path), "final": final,
+                          "stall_s": round(stall, 4)})
+        if not cfg.checkpoint.async_save:
+            committed()
 
     stop = stop or StopRequest()
     if stop.agreed(env.device):  # a signal during setup: nothing trained since the last checkpoint, nothing to save
@@ -275,6 +267,7 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainSt
                 if stop.agreed(env.device):
                     _log(env, f"stop requested (signal): checkpointing at step {step} and exiting")
                     save()
+                    committed()
                     mark_stopped(run_dir, env, step)
                     state.stopped_by_signal = True
                     return state
@@ -285,6 +278,7 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainSt
                     write_samples(model, cfg, env, step, metrics)
                 if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last:
                     save()
+        committed()  # the run's last save is committed before it ends
     finally:
         loader.close()
         metrics.close()
@@ -303,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, overrides)
     log = RankLog.from_env(Path(cfg.train.run_dir))  # as soon as run_dir is known: joining the group can fail too
     try:
-        env = init_distributed(cfg.train.device)
+        env = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
         state = train(cfg, env, stop)
     except BaseException as err:
         log.exception(err)

@@ -55,3 +55,21 @@ def run_ranks(fn, args_per_rank: list[tuple], tmp_path: Path, *, timeout: float 
             if proc.is_alive():
                 proc.kill()
     return [out[rank] for rank in range(world_size)]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts its workers in sessions of their own: a process-group kill misses
+    them), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -487,6 +488,97 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
         assert checkpointer.choose("latest") == root / "step-000002"
         mark_and_save(checkpointer, 3, model, optimizer, cfg)  # space again: the same step saves
     assert step_dirs(root) == ["step-000003"]
+
+
+# ------------------------------------------------------------------------------------------ saving in the background
+
+
+def test_async_save_holds_the_state_of_its_step_and_commits_it(tmp_path):
+    cfg = small_config()
+    root = tmp_path / "checkpoints"
+    with one_rank_group():
+        model, optimizer = small_model(cfg)
+        checkpointer = Checkpointer(root, 0, rank=0, world_size=1, async_save=True)
+        path = mark_and_save(checkpointer, 3, model, optimizer, cfg)
+        expected = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():  # training goes on while the files are written: the checkpoint keeps step 3's weights
+            for p in model.parameters():
+                p.add_(1.0)
+        assert checkpointer.wait() == path
+        assert find_latest(root) == path and os.readlink(root / "latest") == path.name
+        assert checkpoint_main(["verify", str(root.parent), "3"]) == 0
+        assert checkpointer.wait() is None  # nothing in flight any more
+        mark_and_save(checkpointer, 4, model, optimizer, cfg)  # the next save waits for nothing, then runs
+        checkpointer.wait()
+    loaded, _, step = load_model_for_inference(path)
+    assert step == 3
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    assert [s for s, _ in list_checkpoints(root)] == [3, 4]
+
+
+def test_async_save_failure_is_raised_by_the_next_save(tmp_path, monkeypatch):
+    cfg = small_config()
+    root = tmp_path / "checkpoints"
+    with one_rank_group():
+        model, optimizer = small_model(cfg)
+        checkpointer = Checkpointer(root, 0, rank=0, world_size=1, async_save=True)
+        mark_and_save(checkpointer, 2, model, optimizer, cfg)
+        checkpointer.wait()
+        with monkeypatch.context() as patch:
+            fill_disk(patch, "shards")
+            mark_and_save(checkpointer, 3, model, optimizer, cfg)  # returns: the write fails in the background
+            with pytest.raises(CheckpointError) as err:
+                checkpointer.wait()
+        assert str(err.value).startswith(f"disk full while saving step 3 to {root / 'step-000003'}; the previous "
+                                         f"checkpoint step 2 is intact")
+        assert_previous_is_intact(root, 3, 2)
+
+
+_KILLED_MID_WRITE = """
+import os, signal, sys, time
+from pathlib import Path
+root = Path(sys.argv[1])
+import torch.distributed.checkpoint.filesystem as fs
+from test_checkpoint import Checkpointer, mark_and_save, one_rank_group, small_config, small_model
+cfg = small_config()
+with one_rank_group():
+    model, optimizer = small_model(cfg)
+    checkpointer = Checkpointer(root, 0, rank=0, world_size=1, async_save=True)
+    mark_and_save(checkpointer, 1, model, optimizer, cfg)
+    checkpointer.wait()
+    writing = fs._write_files_from_queue
+    def slow(*args, **kwargs):  # the background write: its files on disk, then stuck before the commit
+        writing(*args, **kwargs)
+        time.sleep(60)
+    fs._write_files_from_queue = slow
+    mark_and_save(checkpointer, 2, model, optimizer, cfg)
+    deadline = time.monotonic() + 30
+    while not list((root / ".tmp-step-000002").glob("*.distcp")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print("writing", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # a crash while step 2 is written in the background
+"""
+
+
+def test_kill_during_a_background_write_leaves_the_previous_checkpoint_latest(tmp_path):
+    root = tmp_path / "checkpoints"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    proc = subprocess.run([sys.executable, "-c", _KILLED_MID_WRITE, str(root)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL and "writing" in proc.stdout, proc.stderr[-3000:]
+    assert list(root.glob(".tmp-step-000002/*.distcp"))  # killed mid-write
+    assert not (root / "step-000002").exists()
+    assert find_latest(root) == root / "step-000001" and os.readlink(root / "latest") == "step-000001"
+    assert checkpoint_main(["verify", str(root.parent), "1"]) == 0
+    cfg = small_config()
+    with one_rank_group():
+        model, optimizer = small_model(cfg)
+        checkpointer = Checkpointer(root, 0, rank=0, world_size=1, async_save=True)
+        assert checkpointer.choose("latest") == root / "step-000001"
+        mark_and_save(checkpointer, 2, model, optimizer, cfg)  # the leftover is replaced
+        checkpointer.wait()
+    assert [s for s, _ in list_checkpoints(root)] == [1, 2] and not list(root.glob(".tmp-*"))
 
 
 # --------------------------------------------------------------------------- two ranks: rank 0 decides, all follow

@@ -134,3 +134,43 @@ def test_rope_tables_stay_fp32_under_bf16_at_every_world_size_and_fsdp_layout(tm
         by_wrap[wrap] = [loss for _, (_, loss) in results]
     # and with the same inputs the two layouts compute the same loss (each rank ran the same batch)
     assert by_wrap["block"] == by_wrap["root"]
+
+
+# ---------------------------------------------------------------------- a restarted attempt under torchrun's store
+
+
+def _attempt_rank(rank: int, port: int, delay_s: float, out: list) -> None:
+    import datetime
+    import time
+
+    from smollm2.distributed import attempt_store
+
+    time.sleep(delay_s)
+    store = attempt_store(rank, datetime.timedelta(seconds=20), check_s=0.3)
+    out.append((rank, store.name))
+    store.prefixed.set(f"hello/{rank}", "x")
+    store.prefixed.get(f"hello/{1 - rank}")  # both ranks meet under the same name
+    store.close()
+
+
+def test_a_restarted_attempt_never_takes_the_dead_attempts_store_keys(monkeypatch):
+    """torchrun keeps its store across --max-restarts: the dead attempt's name is still published when the new attempt's
+    rank 1 looks, before the new rank 0 has started. Rank 1 must wait for the live name, not take the stale one."""
+    import threading
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    server.set("smollm2/attempt", "dead-attempt")  # what the killed attempt's rank 0 published; it ticks no more
+    server.add("smollm2/attempt/dead-attempt/tick", 5)
+    server.set("smollm2/dead-attempt/hello/0", "stale")
+    out: list = []
+    threads = [threading.Thread(target=_attempt_rank, args=(rank, server.port, delay, out))
+               for rank, delay in ((1, 0.0), (0, 1.0))]  # rank 1 first: it sees the stale name
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    names = dict(out)
+    assert names[0] == names[1] != "dead-attempt"

@@ -55,11 +55,13 @@ def _numel(model) -> dict[str, int]:
     return numel
 
 
-def _sharded(rank: int) -> dict:
-    """One rank of the FSDP2 model (build_model: DTensor parameters sharded on dim 0), the same batch on every rank."""
+def _sharded(rank: int, dp_shard: int = 0) -> dict:
+    """One rank of the FSDP2 model (build_model: DTensor parameters sharded on dim 0; HSDP with dp_shard), the same batch
+    on every rank."""
     from smollm2.parallelize import build_model, copy_full_into
 
     cfg, plain, idx = _setup()
+    cfg.train.dp_shard = dp_shard
     model = build_model(cfg, DistEnv(rank, dist.get_world_size(), rank, torch.device("cpu")))
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -78,7 +80,8 @@ def _sharded(rank: int) -> dict:
 
 
 @pytest.mark.timeout(300)
-def test_group_norms_under_fsdp2_equal_the_unsharded_computation(tmp_path):
+@pytest.mark.parametrize("world_size,dp_shard", [(2, 0), (4, 2)], ids=["fsdp-2", "hsdp-2x2"])
+def test_group_norms_under_fsdp2_equal_the_unsharded_computation(tmp_path, world_size, dp_shard):
     _, plain, idx = _setup()
     plain(idx[:, :-1], idx[:, 1:]).backward()
     norms = group_grad_norms(plain)  # one process, no process group, no sharding
@@ -86,7 +89,7 @@ def test_group_norms_under_fsdp2_equal_the_unsharded_computation(tmp_path):
     assert set(norms) == {"embed", "final_norm"} | {f"block_0{i}/{k}" for i in range(2) for k in ("attn", "mlp", "norm")}
     assert math.sqrt(sum(v * v for v in norms.values())) == pytest.approx(_total(plain), rel=1e-5)
 
-    results = multirank.run_ranks(_sharded, [(), ()], tmp_path, timeout=120)
+    results = multirank.run_ranks(_sharded, [(dp_shard,)] * world_size, tmp_path, timeout=180)
     for status, value in results:
         assert status == "ok", value
     ranks = [value for _, value in results]
@@ -105,4 +108,4 @@ def test_group_norms_under_fsdp2_equal_the_unsharded_computation(tmp_path):
             assert sum(counts) == r["numel"][group] and len(edges) == len(counts) + 1 == BINS + 1
             assert counts == hists[group][0] and edges == pytest.approx(hists[group][1], rel=1e-6)
             assert r["params"][group][0] == params[group][0]
-    assert ranks[0]["norms"] == ranks[1]["norms"]  # both ranks log the same numbers
+    assert all(r["norms"] == ranks[0]["norms"] for r in ranks)  # every rank logs the same numbers

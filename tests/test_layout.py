@@ -13,7 +13,7 @@ LAYERS = [
     {"errors", "files", "loss", "step", "gradflow", "space_app"},
     {"config", "tokenizer", "shards", "manifest", "ranklog", "plot"},
     {"data", "distributed", "model", "optim", "metrics", "tracking", "hf_tokenizer"},
-    {"parallelize", "checkpoint"},
+    {"parallelize", "checkpoint", "stopping"},
     {"generate", "export"},
     {"train", "evaluate", "app"},
 ]

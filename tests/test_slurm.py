@@ -1,5 +1,6 @@
-"""launch/slurm.sbatch on a real (one-node, local) SLURM cluster: both phases verified; a preemption signal makes the
-ranks checkpoint and the job requeue itself and resume. Skips where no cluster answers (tests/slurm/local_cluster.sh)."""
+"""launch/slurm.sbatch on a real (local) SLURM cluster of two nodes (two slurmd daemons on this machine): one torchrun per
+node meeting through c10d, both phases verified; a preemption signal makes the ranks checkpoint and the job requeue itself
+and resume. Skips where no cluster answers (tests/slurm/local_cluster.sh)."""
 
 import re
 import shutil
@@ -19,11 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def cluster_up() -> bool:
     if not shutil.which("sbatch"):
         return False
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10).stdout
+    try:  # one line per node
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired):
         return False
-    return bool(re.search(r"^(idle|mix)", out, re.M))
+    return len(re.findall(r"^(idle|mix)", out, re.M)) >= 2
 
 
 def job_state(job: str) -> str:
@@ -32,13 +33,13 @@ def job_state(job: str) -> str:
     return match.group(1) if match else "GONE"
 
 
-@pytest.mark.skipif(not cluster_up(), reason="no SLURM cluster (tests/slurm/local_cluster.sh start)")
+@pytest.mark.skipif(not cluster_up(), reason="no two-node SLURM cluster (tests/slurm/local_cluster.sh start)")
 def test_sbatch_phases_with_preemption_and_requeue(shakespeare_data, tmp_path):
     run = tmp_path / "run"
     log = tmp_path / "job.out"
-    env_vars = f"ALL,PYTHON={sys.executable},PHASE1_STEPS=20,PHASE2_STEPS=22"
+    env_vars = f"ALL,PYTHON={sys.executable},PHASE1_STEPS=20,PHASE2_STEPS=22,NPROC_PER_NODE=1"
     submit = subprocess.run(
-        ["sbatch", "--parsable", f"--export={env_vars}", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
+        ["sbatch", "--parsable", f"--export={env_vars}", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
          "--cpus-per-task=1", f"--output={log}", "--job-name=smollm2-test", "launch/slurm.sbatch", "configs/tiny.yaml",
          f"data.path={shakespeare_data}", f"train.run_dir={run}", "data.seq_len=32", "eval.interval=0",
          "sample.interval=0", "logging.interval=2", "checkpoint.interval=0"],
@@ -72,6 +73,7 @@ def test_sbatch_phases_with_preemption_and_requeue(shakespeare_data, tmp_path):
                         f"\n--- slurmctld.log ---\n{ctld_tail}")
     finally:
         subprocess.run(["scancel", job], capture_output=True, timeout=30)
+    assert "1 rank(s) on each of 2 node(s)" in output and "world size 2 on cpu" in output  # one torchrun per node
     assert "stop requested (signal): checkpointing at step" in output
     assert "stopped early" in output and "requeueing" in output
     stopped = int(re.search(r"checkpointing at step (\d+)", output).group(1))

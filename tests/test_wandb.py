@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from multirank import descendants  # tests/ helper
 
 from smollm2.config import WandbConfig, WandbMode, WandbWatch
 from smollm2.errors import ConfigError
@@ -162,24 +163,6 @@ def test_a_run_logs_everything_the_spec_lists(shakespeare_data, tmp_path):
 # ------------------------------------------------------------------------------------------------ a crash resume
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (torchrun starts its workers in sessions of their own: a process group kill misses
-    them)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def _kill_after_a_checkpoint(cmd: list[str], env: dict, run: Path, deadline_s: float = 240) -> None:
     """Start the run, wait until it has logged steps past a checkpoint, then kill -9 every process of it."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -195,7 +178,7 @@ def _kill_after_a_checkpoint(cmd: list[str], env: dict, run: Path, deadline_s: f
             time.sleep(0.05)
         raise AssertionError("no step was logged past a checkpoint in time")
     finally:
-        for pid in [proc.pid, *_descendants(proc.pid)]:  # the agent and every worker, at once: a crash of the node
+        for pid in [proc.pid, *descendants(proc.pid)]:  # the agent and every worker, at once: a crash of the node
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

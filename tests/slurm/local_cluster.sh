@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# A one-node SLURM cluster on this machine for tests/test_slurm.py (Debian's slurm-wlm 22.05 + munge), as root.
+# A two-node SLURM cluster on this machine for tests/test_slurm.py (Debian's slurm-wlm 22.05 + munge), as root: two
+# slurmd daemons (`slurmd -N node1`, `-N node2`, each on its own port), so that `sbatch --nodes=2` starts one task per
+# "node" exactly as on two hosts. The nodes' address is 127.0.0.1 (NodeAddr), which launch/slurm.sbatch reads.
 # cred_expire=10: a requeued job may start again after 10 s instead of the default 120 s.
 #   tests/slurm/local_cluster.sh install   apt-get install slurm-wlm munge (CI does this), then start
-#   tests/slurm/local_cluster.sh start     configure and start munged, slurmctld, slurmd (idempotent)
+#   tests/slurm/local_cluster.sh start     configure and start munged, slurmctld, 2 x slurmd (idempotent)
 #   tests/slurm/local_cluster.sh stop      end the daemons that start started, and nothing else
 # It only ever talks to this machine. Where it cannot start, the SLURM test skips.
 #
@@ -13,6 +15,7 @@ set -euo pipefail
 cmd=${1:-start}
 state=${LOCAL_SLURM_STATE:-/run/smollm2-local-slurm}
 conf=/etc/slurm/slurm.conf  # where sinfo/sbatch/scontrol look by default, so the tests need no SLURM_CONF
+SLURMDS="slurmd-node1 slurmd-node2"  # one per "node"; pid files slurmd-node1.pid, ...
 
 # pid_file NAME: where NAME's pid is written. munged runs as user munge, so it writes into a directory munge owns.
 pid_file() {
@@ -24,7 +27,7 @@ pid_file() {
 pid_of() {
   local pid
   pid=$(cat "$(pid_file "$1")" 2>/dev/null) || return 0
-  if [[ $pid =~ ^[0-9]+$ ]] && awk -v name="$1" '/^Name:/ {n = $2} /^State:/ {s = $2} END {exit !(n == name && s != "Z")}' \
+  if [[ $pid =~ ^[0-9]+$ ]] && awk -v name="${1%%-node*}" '/^Name:/ {n = $2} /^State:/ {s = $2} END {exit !(n == name && s != "Z")}' \
       "/proc/$pid/status" 2>/dev/null; then
     echo "$pid"
   fi
@@ -52,7 +55,7 @@ stop_one() {
 
 stop() {  # slurmd first, munged last: the SLURM daemons authenticate through munge while they shut down
   local failed=0
-  for name in slurmd slurmctld munged; do stop_one "$name" || failed=1; done
+  for name in $SLURMDS slurmctld munged; do stop_one "$name" || failed=1; done
   return "$failed"
 }
 
@@ -70,7 +73,7 @@ start() {
   local host mem
   host=$(hostname)
   mem=$(( $(free -m | awk '/Mem:/{print $2}') - 1024 ))
-  mkdir -p "$state" /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
+  mkdir -p "$state" /etc/slurm /var/spool/slurmctld /var/spool/slurmd-node1 /var/spool/slurmd-node2 /var/log/slurm /run/munge
   mkdir -p "$state/munge"  # munged runs as munge and writes its pid file itself
   chown munge:munge /run/munge "$state/munge" 2>/dev/null || true
   cat > "$conf" <<CONF
@@ -81,9 +84,9 @@ SlurmdUser=root
 AuthType=auth/munge
 AuthInfo=cred_expire=10
 StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
+SlurmdSpoolDir=/var/spool/slurmd-%n
 SlurmctldPidFile=$state/slurmctld.pid
-SlurmdPidFile=$state/slurmd.pid
+SlurmdPidFile=$state/slurmd-%n.pid
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -92,9 +95,10 @@ ReturnToService=2
 JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
-SlurmdLogFile=/var/log/slurm/slurmd.log
-NodeName=$host CPUs=$(nproc) RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+SlurmdLogFile=/var/log/slurm/slurmd-%n.log
+NodeName=node1 NodeHostname=$host NodeAddr=127.0.0.1 Port=17001 CPUs=$(nproc) RealMemory=$mem State=UNKNOWN
+NodeName=node2 NodeHostname=$host NodeAddr=127.0.0.1 Port=17002 CPUs=$(nproc) RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP
 CONF
   cat > /etc/slurm/cgroup.conf <<CONF
 CgroupPlugin=cgroup/v1
@@ -109,9 +113,11 @@ CONF
     wait_pid_file munged
   fi
   if [ -z "$(pid_of slurmctld)" ]; then slurmctld -f "$conf"; wait_pid_file slurmctld; fi
-  if [ -z "$(pid_of slurmd)" ]; then slurmd -f "$conf"; wait_pid_file slurmd; fi
+  for name in $SLURMDS; do
+    if [ -z "$(pid_of "$name")" ]; then slurmd -f "$conf" -N "${name#slurmd-}"; wait_pid_file "$name"; fi
+  done
   for _ in $(seq 30); do
-    if sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then sinfo; return 0; fi
+    if [ "$(sinfo -h -N -o %t 2>/dev/null | grep -cE '^(idle|mix|alloc)')" -ge 2 ]; then sinfo; return 0; fi
     sleep 1
   done
   echo "the local SLURM cluster did not come up"; sinfo || true

@@ -1,0 +1,39 @@
+"""Stopping a run on request: SIGTERM / SIGUSR1 (SLURM preemption, `scancel --signal`, torchrun forwarding) make every
+rank checkpoint at its next log step and exit with STOP_EXIT_CODE, leaving STOP_MARKER for the launch scripts."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from smollm2.distributed import DistEnv
+from smollm2.errors import STOP_MARKER
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM preemption, `scancel --signal`, torchrun forwarding): checkpoint at the next log step and
+    exit with STOP_EXIT_CODE. Installed first thing in `main`, so a signal during setup (data, model, checkpoint load,
+    WandB) is not fatal: the run stops before its first step instead, without a checkpoint."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def mark_stopped(run_dir: Path, env: DistEnv, step: int) -> None:
+    """Rank 0 leaves STOP_MARKER (read by launch/*.sh); a barrier, so no rank exits before it is written."""
+    if env.is_main:
+        (run_dir / STOP_MARKER).write_text(f"{step}\n")
+    dist.barrier()
