@@ -36,7 +36,7 @@ if [ "$NPROC" = "1" ]; then
   # shellcheck disable=SC2206  # unquoted on purpose, as everywhere here: PYTHON may carry flags ("python -X dev")
   launcher=($PYTHON)  # one process, no torchrun: the trainer gets the signals itself
 else
-  torchrun_flags
+  torchrun_flags torchrun
   launcher=(torchrun --standalone --nproc_per_node="$NPROC" "${TORCHRUN_FLAGS[@]}")
   usr1_as=$USR1_AS
 fi
