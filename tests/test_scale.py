@@ -2,7 +2,7 @@
 torchrun agents meeting through a c10d rendezvous on localhost (as on two hosts) computing what one standalone torchrun
 computes, elastic restarts after a `kill -9` that finish the job by themselves, and checkpoints saved in the background.
 
-Every run here uses the same global batch (12 windows of 32 tokens) and fp32, so runs that should agree agree exactly.
+Every run here uses the same global batch (12 windows of 32 tokens), fp32 and 8 steps, so runs that should agree agree exactly.
 `SMOLLM2_CHAOS_RUNS=10 pytest tests/test_scale.py -k elastic` repeats the elastic test with kills at random steps."""
 
 import json
@@ -29,7 +29,7 @@ BASE = ["data.seq_len=32", "train.dtype=fp32", "logging.interval=1", "eval.inter
         "checkpoint.interval=4", "checkpoint.keep_last=0", "data.prefetch=1"]
 SHAPE = {1: ["data.micro_batch=3", "train.grad_accum=4"], 2: ["data.micro_batch=3", "train.grad_accum=2"],
          3: ["data.micro_batch=2", "train.grad_accum=2"], 4: ["data.micro_batch=3", "train.grad_accum=1"]}
-STEPS = 12
+STEPS = 8
 WINDOWS_PER_STEP = 12
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
@@ -136,7 +136,7 @@ def hsdp(tmp_path_factory, shakespeare_data) -> Path:
     """HSDP on 4 ranks: 2 shard groups of 2 (2 x 2)."""
     run = tmp_path_factory.mktemp("hsdp") / "run"
     proc = standalone(4, shakespeare_data, run, f"train.max_steps={STEPS}", "train.dp_shard=2")
-    meta = json.loads((run / "checkpoints/step-000008/meta.json").read_text())
+    meta = json.loads((run / "checkpoints/step-000004/meta.json").read_text())
     assert meta["world_size"] == 4 and meta["config"]["train"]["dp_shard"] == 2, proc.stdout[-2000:]
     return run
 
@@ -167,16 +167,16 @@ def test_hsdp_trains_like_fsdp(reference, hsdp):
     for a, b in zip(ours, theirs):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
-    assert ours[-1]["loss"] < ours[0]["loss"] - 1.0
+    assert ours[-1]["loss"] < ours[0]["loss"] - 0.3  # it trains
 
 
 @pytest.mark.parametrize("nproc", [1, 2, 3])
 def test_hsdp_checkpoint_resumes_under_fsdp(hsdp, shakespeare_data, tmp_path, nproc):
-    resume_and_compare(hsdp, 8, nproc, shakespeare_data, tmp_path / "run", hsdp)
+    resume_and_compare(hsdp, 4, nproc, shakespeare_data, tmp_path / "run", hsdp)
 
 
 def test_fsdp_checkpoint_resumes_under_hsdp(reference, shakespeare_data, tmp_path):
-    resume_and_compare(reference, 8, 4, shakespeare_data, tmp_path / "run", reference, "train.dp_shard=2")
+    resume_and_compare(reference, 4, 4, shakespeare_data, tmp_path / "run", reference, "train.dp_shard=2")
 
 
 def test_dp_shard_must_divide_the_world_size(shakespeare_data, tmp_path):
@@ -264,11 +264,12 @@ def test_elastic_restart_after_kill_finishes_by_itself(reference, shakespeare_da
 
 def test_async_checkpoints_resume_exactly(reference, shakespeare_data, tmp_path):
     run = tmp_path / "run"
-    proc = standalone(2, shakespeare_data, run, "train.max_steps=8", "checkpoint.async_save=true")
+    proc = standalone(2, shakespeare_data, run, "train.max_steps=6", "checkpoint.interval=2", "checkpoint.async_save=true")
     assert "writing in the background" in proc.stdout
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [4, 8]  # logged once committed
-    assert_same_weights(run / "checkpoints/step-000008", reference / "checkpoints/step-000008")
-    standalone(2, shakespeare_data, run, f"train.max_steps={STEPS}", "checkpoint.async_save=true", "--resume", "latest")
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [2, 4, 6]  # each logged once committed
+    assert_same_weights(run / "checkpoints/step-000004", reference / "checkpoints/step-000004")
+    standalone(2, shakespeare_data, run, f"train.max_steps={STEPS}", "checkpoint.interval=2", "checkpoint.async_save=true",
+               "--resume", "latest")
     assert [r["loss"] for r in last_attempt(run).values()] == [r["loss"] for r in records(reference)]
     assert_same_weights(run / "checkpoints/latest", reference / "checkpoints/latest")
