@@ -62,7 +62,8 @@ class Device(Choice):
 class FsdpWrap(Choice):
     """FSDP2 units. The checkpoint format is the same for all three."""
 
-    auto = "auto"  # root at world size 1 (where sharding saves nothing), block otherwise
+    auto = "auto"  # no FSDP2 at world size 1 (sharding saves nothing there; its host work is ~1/3 of a host-bound
+    # step, bench/NOTES.md v3): the plain model with the same bf16 casts, bitwise; block otherwise
     block = "block"  # each block, plus a root unit for embedding, final norm and tied head
     root = "root"  # one unit: one all-gather per micro-step, one reduce-scatter per step, fewest host-side hooks
 

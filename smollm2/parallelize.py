@@ -1,8 +1,11 @@
 """Build the training model: meta device -> recompute (activation checkpointing) -> compile -> FSDP2 `fully_shard` ->
 materialize -> initialize. The model file knows none of this; here is every decision about how it runs.
 
-One code path for every world size: a single process is a one-rank group, so sharding, checkpointing and resuming never
-branch on "distributed or not".
+One code path for every world size: a single process is a one-rank group, so checkpointing and resuming never branch on
+"distributed or not". The exception is FSDP2's own host work: at world size 1 with `train.fsdp_wrap=auto` the model is
+not wrapped (a shard would be the whole tensor, and FSDP2's per-parameter copy-in, copy-out and gradient bookkeeping cost
+~1/3 of the CPU host proxy's step, bench/NOTES.md v3); bf16 is then the same parameter cast FSDP2 makes
+(`_bf16_params_forward`), bitwise. DCP checkpoints hold the same global tensors either way and reshard as before.
 """
 
 from __future__ import annotations
@@ -52,11 +55,42 @@ def recompute_fn(mode: Recompute) -> Callable | None:
                    context_fn=partial(create_selective_checkpoint_contexts, _selective_policy()))
 
 
-def fsdp_units(setting: FsdpWrap, world_size: int) -> FsdpWrap:
-    """block | root: at world size 1 every shard is the whole tensor, so per-block units only add host-side hooks."""
+def fsdp_units(setting: FsdpWrap, world_size: int) -> FsdpWrap | None:
+    """block | root | None (no FSDP2): at world size 1 every shard is the whole tensor, so FSDP2 only adds host work."""
     if setting == FsdpWrap.auto:
-        return FsdpWrap.root if world_size == 1 else FsdpWrap.block
+        return None if world_size == 1 else FsdpWrap.block
     return FsdpWrap(setting)
+
+
+def _bf16_params_forward(model: SmolLM, forward: Callable) -> Callable:
+    """Without FSDP2, what its MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) computes at world size 1: each
+    call casts every fp32 parameter to bf16 once (the tied table once for both uses) and runs the forward on the casts;
+    autograd casts the bf16 gradients back onto the fp32 parameters and accumulates them in fp32 (FSDP2's fp32 reduce of
+    one rank, and its fp32 accumulation without sync). Bitwise the root unit's losses, gradients and updates."""
+    slots = [(module, name) for module in model.modules() for name, p in module._parameters.items() if p is not None]
+
+    def call(*args, **kwargs):
+        originals = [module._parameters[name] for module, name in slots]
+        casts: dict[int, torch.Tensor] = {}
+        try:
+            for (module, name), param in zip(slots, originals):
+                if id(param) not in casts:
+                    casts[id(param)] = param.to(torch.bfloat16)
+                module._parameters[name] = casts[id(param)]
+            return forward(*args, **kwargs)
+        finally:
+            for (module, name), param in zip(slots, originals):
+                module._parameters[name] = param
+
+    return call
+
+
+def _check_dp_shard(env: DistEnv, dp_shard: int) -> int:
+    shard = dp_shard or env.world_size
+    if shard > env.world_size or env.world_size % shard:
+        raise ConfigError(f"train.dp_shard={dp_shard} must divide the world size ({env.world_size}): ranks per shard group "
+                          "(e.g. the GPUs of one node), or 0 for all ranks")
+    return shard
 
 
 def data_parallel_mesh(env: DistEnv, dp_shard: int):
@@ -66,10 +100,7 @@ def data_parallel_mesh(env: DistEnv, dp_shard: int):
     order does not depend on it: the loader slices the global batch by global rank either way."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    shard = dp_shard or env.world_size
-    if shard > env.world_size or env.world_size % shard:
-        raise ConfigError(f"train.dp_shard={dp_shard} must divide the world size ({env.world_size}): ranks per shard group "
-                          "(e.g. the GPUs of one node), or 0 for all ranks")
+    shard = _check_dp_shard(env, dp_shard)
     if shard == env.world_size:
         return init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("shard",))
     return init_device_mesh(env.device.type, (env.world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
@@ -108,13 +139,20 @@ def build_model(cfg: Config, env: DistEnv, *, init_seed: int | None = None) -> S
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce, cast_forward_inputs=False)
     else:
         mp = MixedPrecisionPolicy()
-    shard = partial(fully_shard, mp_policy=mp, mesh=data_parallel_mesh(env, cfg.train.dp_shard))
-    if fsdp_units(cfg.train.fsdp_wrap, env.world_size) == FsdpWrap.block:
-        for block in model.blocks:
-            shard(block, reshard_after_forward=cfg.train.reshard_after_forward)
-    # Root unit: token embedding, final norm and the tied head must live in one FSDP group.
-    # It is all-gathered for the forward's last step anyway, so keep it unsharded until backward.
-    shard(model, reshard_after_forward=False)
+    units = fsdp_units(cfg.train.fsdp_wrap, env.world_size)
+    _check_dp_shard(env, cfg.train.dp_shard)
+    if units is None and cfg.train.dtype == Dtype.bf16 and cfg.train.reduce_dtype == Dtype.bf16:
+        units = FsdpWrap.root  # FSDP2 would accumulate un-synced gradients in bf16: keep its numerics
+    if units is not None:
+        shard = partial(fully_shard, mp_policy=mp, mesh=data_parallel_mesh(env, cfg.train.dp_shard))
+        if units == FsdpWrap.block:
+            for block in model.blocks:
+                shard(block, reshard_after_forward=cfg.train.reshard_after_forward)
+        # Root unit: token embedding, final norm and the tied head must live in one FSDP group.
+        # It is all-gathered for the forward's last step anyway, so keep it unsharded until backward.
+        shard(model, reshard_after_forward=False)
+    elif cfg.train.dtype == Dtype.bf16:
+        model.forward = _bf16_params_forward(model, model.forward)
     model.materialize(env.device)
     model.init_weights(cfg.train.seed if init_seed is None else init_seed, copy_into=copy_full_into)
     return model

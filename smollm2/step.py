@@ -1,12 +1,58 @@
 """One optimizer step of training: the code `smollm2.train` runs and `python -m bench.step` times.
 
-No host sync: the loss stays on the device (accumulated into `loss_sum`), and the gradient norm is returned as a tensor
-(a DTensor under FSDP2), read only on log steps.
+No host sync: the loss stays on the device (accumulated into `loss_sum`), and the gradient norm is returned as a tensor,
+read only on log steps.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+
+def _local_and_copies(t: torch.Tensor, world: int) -> tuple[torch.Tensor, int]:
+    """(this rank's part of `t`, how many ranks hold that same part). A DTensor is split over its Shard mesh dims and
+    repeated over the others (HSDP's replicate dim): world size / product of the shard dims' sizes (its mesh spans the
+    world). A plain tensor is the whole of it on every rank."""
+    if not isinstance(t, DTensor):
+        return t, world
+    shards = 1
+    for dim, placement in enumerate(t.placements):
+        if placement.is_shard():
+            shards *= t.device_mesh.size(dim)
+    return t.to_local(), world // shards
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters, max_norm: float | None) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` (L2) on the local shards: one `_foreach_norm` over the local gradients; when the
+    world is larger than 1, ONE all-reduce of their squares (a vector, one float per tensor: the reduction DTensor makes
+    of the partial norms, so the result stays bitwise torch's; each part counted once across the ranks that hold it);
+    the norm of the per-tensor norms; then the gradients scaled in place by min(1, max_norm / (norm + 1e-6)) (skipped
+    without a `max_norm`: the factor would be 1). No DTensor dispatch per tensor. Bitwise torch's over DTensors on one
+    mesh dim (tests/test_perf_local_shards.py; HSDP within 1e-6). Returns the total norm, a plain 0-d tensor."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    grads, copies = [], []
+    for p in parameters:
+        if p.grad is not None:
+            local, n = _local_and_copies(p.grad, world)
+            grads.append(local)
+            copies.append(n)
+    if not grads:
+        return torch.zeros(())
+    norms = torch.stack(torch._foreach_norm(grads, 2.0))  # one device (torch's own `.to(first_device)` is left out)
+    if world > 1:  # as DTensor reduces the per-tensor partial norms: squares summed over the ranks, square roots
+        squares = norms**2.0
+        dist.all_reduce(squares, op=dist.ReduceOp.SUM)  # the one collective: a vector of one float per tensor
+        if max(copies) > 1:  # HSDP replicas of a shard, or plain tensors: each counted once
+            squares = squares / torch.tensor(copies, dtype=squares.dtype, device=squares.device)
+        norms = squares**0.5
+    total = torch.linalg.vector_norm(norms, 2.0)  # torch's exact reduction over the per-tensor norms
+    if max_norm:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef)
+    return total
 
 
 def train_step(model, optimizer: torch.optim.Optimizer, micro_batches, accum: int, grad_clip: float | None,
@@ -21,14 +67,16 @@ def train_step(model, optimizer: torch.optim.Optimizer, micro_batches, accum: in
     if loss_sum is None:
         loss_sum = torch.zeros((), device=micro_batches[0][0].device)
     last = len(micro_batches) - 1
+    sync = getattr(model, "set_requires_gradient_sync", None)
     for k, (inputs, targets) in enumerate(micro_batches):
-        model.set_requires_gradient_sync(k == last)
+        if sync is not None:  # FSDP2: gradients reduce only on the last micro-step
+            sync(k == last)
         loss = model(inputs, targets) / accum
         loss.backward()
         loss_sum += loss.detach()
     if inspect_grads is not None:
         inspect_grads(model)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    grad_norm = clip_grad_norm(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm

@@ -60,3 +60,38 @@ def test_reference_is_the_same_model():
     assert loss_ours.item() == pytest.approx(loss_ref.item(), rel=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), ref(idx), rtol=1e-4, atol=1e-4)
+
+
+def test_host_proxy_is_a_named_case_with_op_counts():
+    """`--proxy host` (issue 13): the seed model's structure with tiny math on CPU; its target reads the median of the
+    interleaved rounds' ratios; `count_ops` profiles one step."""
+    from bench.step import PROXIES, count_ops, evaluate_targets, parse_case
+
+    proxy = PROXIES["host"]
+    cfg = load_config(ROOT / proxy.config, list(proxy.overrides))
+    assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.vocab_size, str(cfg.train.dtype)) == (12, 96, 1024, "fp32")
+    (case,) = [parse_case(spec, cfg) for spec in proxy.cases]
+    assert (case.micro_batch, case.seq_len, case.compile, case.reference) == (1, 64, "true", True)
+    assert proxy.rounds == 3
+    row = {"impl": "smollm2", "activation_checkpointing": "none", "round_ratios": [0.9, 1.2, 1.05],
+           "ratio_to_reference": 1.0}
+    (target,) = evaluate_targets([row], torch.device("cpu"), proxy="host")
+    assert target["status"] == "PASS" and target["value"] == pytest.approx(1.05)
+    a = torch.randn(8, 8)
+    ops = count_ops(lambda: (a @ a).relu().sum(), torch.device("cpu"))
+    assert ops["aten_ops"] >= 3 and ops["profiler_events"] >= ops["aten_ops"] and ops["profiled_cpu_ms"] > 0
+
+
+def test_real_loop_compares_the_logged_tok_s_with_the_bench_row(tmp_path):
+    from bench.real_loop import compare
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps({"step": s, "loss": 5.0, "tok_per_s": t})
+                                 for s, t in ((10, 10.0), (20, 96.0), (30, 100.0), (40, 98.0))))
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"rows": [{"impl": "reference", "case": "B=8 T=2048 accum=1 ac=none", "tok_per_s": 1.0},
+                                          {"impl": "smollm2", "case": "B=8 T=2048 accum=1 ac=none compile=auto",
+                                           "tok_per_s": 100.0}]}))
+    result = compare(metrics, bench, "B=8 T=2048 accum=1 ac=none")
+    assert result["real_steps"] == [20, 30, 40] and result["ratio"] == pytest.approx(0.98)
+    assert result["status"] == "PASS"
