@@ -124,12 +124,13 @@ class GPT(nn.Module):
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-100)
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type, fused=None):
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         nodecay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": nodecay, "weight_decay": 0.0}]
-        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type == "cuda"
+        if fused is None:  # nanoGPT's rule: fused where available, on CUDA
+            fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type == "cuda"
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **({"fused": True} if fused else {}))
 
     @torch.no_grad()
@@ -156,9 +157,10 @@ class ReferenceTrainer:
     """nanoGPT's train.py inner loop: autocast forward, backward per micro-batch, clip, step, zero_grad."""
 
     def __init__(self, config: GPTConfig, device: torch.device, *, dtype: str = "bf16", compile: bool = True,
-                 lr: float = 5e-4, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8, grad_clip: float = 1.0):
+                 lr: float = 5e-4, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8, grad_clip: float = 1.0,
+                 fused: bool | None = None):
         self.raw_model = GPT(config).to(device)
-        self.optimizer = self.raw_model.configure_optimizers(weight_decay, lr, betas, eps, device.type)
+        self.optimizer = self.raw_model.configure_optimizers(weight_decay, lr, betas, eps, device.type, fused)
         self.model = torch.compile(self.raw_model) if compile else self.raw_model
         self.grad_clip = grad_clip
         self.device_type = device.type

@@ -92,6 +92,7 @@ class Proxy:
 PROXIES = {
     "host": Proxy(  # issue 13: host overhead without a GPU; the seed model's structure, tiny math
         config="configs/smollm2_135.yaml", cases=("B=1,T=64,ac=none,ref=1,compile=true",),
+        # each side's own CPU AdamW (ours foreach, nanoGPT's single-tensor); optim.fused=true fuses both alike
         overrides=("model.d_model=96", "model.d_mlp=384", "model.vocab_size=1024", "train.dtype=fp32", "data.seq_len=64",
                    "train.device=cpu"),
         about="12 blocks of d_model 96, vocab 1024, B=1 T=64, fp32, CPU, compile on for both: the step is host overhead"),
@@ -307,7 +308,7 @@ class Reference:
                            rope_theta=m.rope_theta, norm_eps=m.norm_eps)
         self.trainer = ReferenceTrainer(config, device, dtype=str(cfg.train.dtype), compile=compile_on(case, device),
                                         lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps,
-                                        grad_clip=o.grad_clip)
+                                        grad_clip=o.grad_clip, fused=o.fused)  # optim.fused: both sides alike
         self.batches = random_batches(case, m.vocab_size, device, seed=0)
 
     def step(self) -> None:
