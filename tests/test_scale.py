@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from multirank import descendants  # tests/ helper
+from multirank import descendants, kill_tree  # tests/ helper
 
 from smollm2.checkpoint import load_model_for_inference
 
@@ -87,14 +87,6 @@ def finish(procs: list[subprocess.Popen], logs: Path, timeout: float = 300) -> N
         text = "\n".join(f"--- agent {i} (exit {procs[i].returncode}) ---\n{(logs / f'agent{i}.log').read_text()[-4000:]}"
                          for i in failed)
         raise AssertionError(f"agent(s) {failed} failed or were still running after {timeout:.0f}s:\n{text}")
-
-
-def kill_tree(pid: int) -> None:
-    for p in [pid, *descendants(pid)]:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def records(run: Path) -> list[dict]:

@@ -5,7 +5,6 @@ import base64
 import hashlib
 import json
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from multirank import descendants  # tests/ helper
+from multirank import kill_tree  # tests/ helper
 
 from smollm2.config import WandbConfig, WandbMode, WandbWatch
 from smollm2.errors import ConfigError
@@ -178,11 +177,7 @@ def _kill_after_a_checkpoint(cmd: list[str], env: dict, run: Path, deadline_s: f
             time.sleep(0.05)
         raise AssertionError("no step was logged past a checkpoint in time")
     finally:
-        for pid in [proc.pid, *descendants(proc.pid)]:  # the agent and every worker, at once: a crash of the node
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_tree(proc.pid)  # the agent and every worker, at once: a crash of the node
         proc.wait(timeout=30)
 
 
