@@ -17,7 +17,7 @@ OUT_DIR=${OUT:-bench/results}
 mkdir -p "$OUT_DIR"
 start=$SECONDS
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-225} BENCH_BUDGET=${BENCH_BUDGET:-150} bash bench/gpu_check.sh --rounds 3 --count-ops \
-  --cases B=8,T=2048,ac=none,ref=1 B=8,T=2048,ac=full B=8,T=2048,ac=selective B=8,T=2048,ac=none,compile=whole \
+  --cases B=8,T=2048,ac=none,ref=1 B=8,T=2048,ac=full B=8,T=2048,ac=selective B=8,T=2048,ac=none,cpp=true \
   B=8,T=2048,ac=none,wrap=block
 bench_status=$?
 echo "=== bench: exit $bench_status after $((SECONDS - start)) s ==="

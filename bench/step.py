@@ -69,7 +69,7 @@ TARGETS = Targets()
 
 GPU_CASES = [  # the targets' rows first; later rows are levers, skipped when --budget-s runs out
     "B=8,T=2048,ac=none,ref=1", "B=8,T=2048,ac=full", "B=8,T=2048,ac=selective",
-    "B=8,T=2048,ac=none,wrap=block", "B=8,T=2048,ac=none,compile=whole", "B=8,T=2048,ac=none,compile=false,ref=1",
+    "B=8,T=2048,ac=none,wrap=block", "B=8,T=2048,ac=none,cpp=true", "B=8,T=2048,ac=none,compile=false,ref=1",
     "B=8,T=2048,ac=none,sdpa=cudnn", "B=8,T=2048,ac=none,sdpa=flash", "B=16,T=1024,ac=none,ref=1",
     "B=8,T=2048,ac=none,wrap=block,reshard=false",
 ]
@@ -109,20 +109,21 @@ class Case:
     sdpa: str = "default"
     reshard: bool | None = None  # None: the config's
     wrap: str | None = None  # None: the config's train.fsdp_wrap
+    cpp: bool | None = None  # None: the config's train.cpp_wrapper
     reference: bool = False
 
     @property
     def label(self) -> str:
-        extra = "".join(f" {k}={v}" for k, v in (("sdpa", self.sdpa), ("reshard", self.reshard), ("wrap", self.wrap))
-                        if v not in ("default", None))
+        extra = "".join(f" {k}={v}" for k, v in (("sdpa", self.sdpa), ("reshard", self.reshard), ("wrap", self.wrap),
+                                                 ("cpp", self.cpp)) if v not in ("default", None))
         return f"B={self.micro_batch} T={self.seq_len} accum={self.accum} ac={self.ac} compile={self.compile}{extra}"
 
 
 def parse_case(spec: str, cfg: Config) -> Case:
     fields = dict(micro_batch=cfg.data.micro_batch, seq_len=cfg.data.seq_len, accum=1, ac="none", compile="auto",
-                  sdpa="default", reshard=None, wrap=None, reference=False)
+                  sdpa="default", reshard=None, wrap=None, cpp=None, reference=False)
     names = {"B": "micro_batch", "T": "seq_len", "accum": "accum", "ac": "ac", "compile": "compile", "sdpa": "sdpa",
-             "reshard": "reshard", "wrap": "wrap", "ref": "reference"}
+             "reshard": "reshard", "wrap": "wrap", "cpp": "cpp", "ref": "reference"}
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
         if key not in names or not value:
@@ -130,7 +131,7 @@ def parse_case(spec: str, cfg: Config) -> Case:
         name = names[key]
         if name in ("micro_batch", "seq_len", "accum"):
             fields[name] = int(value)
-        elif name in ("reshard", "reference"):
+        elif name in ("reshard", "reference", "cpp"):
             fields[name] = value.lower() in ("1", "true", "yes")
         else:
             fields[name] = value.lower()
@@ -272,7 +273,8 @@ def case_config(cfg: Config, case: Case) -> Config:
     compile_setting = {"auto": None, "true": True, "false": False, "whole": False}[case.compile]
     train = replace(cfg.train, activation_checkpointing=case.ac, grad_accum=case.accum, compile=compile_setting,
                     reshard_after_forward=cfg.train.reshard_after_forward if case.reshard is None else case.reshard,
-                    fsdp_wrap=cfg.train.fsdp_wrap if case.wrap is None else case.wrap)
+                    fsdp_wrap=cfg.train.fsdp_wrap if case.wrap is None else case.wrap,
+                    cpp_wrapper=cfg.train.cpp_wrapper if case.cpp is None else case.cpp)
     return replace(cfg, train=train, data=replace(cfg.data, micro_batch=case.micro_batch, seq_len=case.seq_len))
 
 

@@ -555,7 +555,10 @@ class Checkpointer:
             dcp.load(state, checkpoint_id=path)  # collective: DCP shares its failures between the ranks
         except (Exception, CheckpointException) as err:  # DCP raises assorted errors for damaged/foreign files
             raise _load_failure(path, err) from None
+        how = [{k: group[k] for k in _UPDATE_IMPLEMENTATION if k in group} for group in optimizer.param_groups]
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        for group, flags in zip(optimizer.param_groups, how):  # this run's choice (optim.fused, the device), not the
+            group.update(flags)  # checkpoint's: a GPU run's fused update resumed on CPU runs as configured there
         train_state = self._from_rank0(lambda: _read_train_state(path))
         self._together(lambda: self._load_rng(path, meta))
         return train_state
@@ -570,6 +573,10 @@ class Checkpointer:
             _set_rng_state(torch.load(rng_file, weights_only=meta.get("rng_format", 1) >= 2))
         except Exception as err:  # noqa: BLE001 - an unreadable or foreign file: say which
             raise CheckpointError(f"cannot load {rng_file}: {_one_line(err)}") from None
+
+
+# Optimizer param-group keys that say how the update runs, not what it computes: loading keeps the running optimizer's.
+_UPDATE_IMPLEMENTATION = ("foreach", "fused", "capturable")
 
 
 def _host_stager():

@@ -159,6 +159,9 @@ class TrainConfig:
     grad_accum: int = 4
     activation_checkpointing: Recompute = Recompute.none
     compile: bool | None = None  # null = auto: on for CUDA, off for CPU
+    # Compiled graphs launch their kernels from generated C++ instead of Python: less host time per step (CPU host proxy:
+    # +7-9%, bench/NOTES.md v4), a longer first compile. null = auto: on for CPU; off for CUDA until measured there.
+    cpp_wrapper: bool | None = None
     device: Device = Device.auto
     reshard_after_forward: bool = True
     fsdp_wrap: FsdpWrap = FsdpWrap.auto
@@ -194,7 +197,7 @@ class OptimConfig:
     decay_steps: int = 5050
     wsd_decay_fraction: float = 0.2  # wsd: the last fraction of decay_steps decays linearly
     min_lr_ratio: float = 0.1  # floor = lr * min_lr_ratio
-    fused: bool | None = None  # null = auto: fused on CUDA, foreach elsewhere
+    fused: bool | None = None  # null = auto: fused on CUDA, torch's single-tensor loop elsewhere
 
     def check(self) -> None:
         _positive(self, "optim.", "lr", "decay_steps")

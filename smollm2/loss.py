@@ -80,7 +80,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, rows):
             h_c, t_c, v_c = h[start : start + rows], targets[start : start + rows], valid[start : start + rows]
             logits = h_c @ weight.t()
-            if compiled and need_grad:
+            if need_grad and torch.compiler.is_compiling():  # traced into an enclosing graph (whole-model compile)
+                loss_c, g = _ce_chunk_functional(logits, t_c, v_c, vocab)
+            elif compiled and need_grad:
                 loss_c, g = _ce_chunk_compiled(logits, t_c, v_c, vocab)
             else:
                 loss_c, g = _ce_chunk_eager(logits, t_c, v_c, vocab, need_grad)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from smollm2.config import Attention as AttentionBackend
 from smollm2.config import ModelConfig, load_config
 from smollm2.loss import linear_cross_entropy
+from smollm2.rotary import apply_rope, left_padding, rope_cos_sin
 
 try:  # optional: flash-attn has no wheels; SDPA already picks flash/cuDNN kernels on GPUs
     from flash_attn import flash_attn_func  # type: ignore[import-not-found]
@@ -31,25 +32,6 @@ except Exception:  # noqa: BLE001 - ImportError, or a broken CUDA build
 
 def padded_vocab_size(cfg: ModelConfig) -> int:
     return math.ceil(cfg.vocab_size / cfg.pad_vocab_multiple) * cfg.pad_vocab_multiple
-
-
-# -------------------------------------------------------------------------------------------------------------- rotary
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [T, head_dim] for positions [T]; [B, 1, T, head_dim] for per-row positions [B, T] (rotate-half layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    angles = positions.float().unsqueeze(-1) * inv_freq  # [..., T, head_dim/2]: for [T], exactly torch.outer
-    angles = angles if positions.dim() == 1 else angles.unsqueeze(1)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; rotates each (i, i + D/2) pair by its position's angle (GPT-NeoX / Llama convention)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------- kv cache
@@ -81,17 +63,6 @@ class KVCache:
 # --------------------------------------------------------------------------------------------------------------- blocks
 
 
-def left_padding(left_pad: torch.Tensor, start_pos: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row RoPE positions [B, T] and attention mask [B, 1, T, start_pos + T] for the slots start_pos.. of left-padded
-    rows (batched generation): row b's first left_pad[b] slots are padding; its real tokens count positions from 0 and
-    never see the padding. A padding query sees only itself, so no softmax row is empty (NaN)."""
-    slots = torch.arange(start_pos + T, device=left_pad.device)
-    query = slots[start_pos:, None]  # [T, 1]
-    real = (slots >= left_pad[:, None])[:, None, :]  # [B, 1, keys]
-    mask = (real | (slots == query)) & (slots <= query)  # [B, T, keys]
-    return (query.squeeze(1) - left_pad[:, None]).clamp(min=0), mask.unsqueeze(1)
-
-
 def naive_attention(q, k, v, causal_offset: int | None):
     """Reference attention: explicit masked softmax. `causal_offset` = position of q[0] among the keys (None: no mask)."""
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
@@ -112,7 +83,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0, mask: torch.Tensor | None = None):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, D]
+        # 3 x [B, H, T, D]; split + transpose (not one permute of [B, T, 3, H, D]: the same values, and a cheaper
+        # compiled backward for RoPE and the split, bench/NOTES.md v4)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in self.qkv(x).split(C, dim=2))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, start_pos, k, v)
@@ -194,19 +167,31 @@ class SmolLM(nn.Module):
         self.head = nn.Linear(cfg.d_model, self.padded_vocab, bias=False)
         self.head.weight = self.embed.weight  # tied
         self.compiled_loss = compiled_loss
+        # RoPE tables (fp32, positions 0..max_seq_len-1; buffers, not saved), sliced by forward. Computed in forward inside
+        # a compiled graph, they cost ~9% of the CPU host proxy's step (recomputed per block in the backward; NOTES v4).
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self._fill_rope_tables()
+
+    def _fill_rope_tables(self) -> None:
+        positions = torch.arange(self.cfg.max_seq_len, device=self.embed.weight.device)
+        self.rope_cos, self.rope_sin = rope_cos_sin(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_theta)
 
     def forward(self, idx, targets=None, *, kv_cache: KVCache | None = None, start_pos: int = 0,
                 left_pad: torch.Tensor | None = None):
         """idx [B, T] -> logits [B, T, padded_vocab] (padded columns -inf), or the mean cross-entropy if targets given.
         `left_pad` [B]: row b starts with that many padding slots (batched prompts of different lengths; see
         `left_padding`); `start_pos` counts slots, padding included."""
-        T = idx.shape[1]
-        positions, mask = torch.arange(start_pos, start_pos + T, device=idx.device), None
-        if left_pad is not None:
-            positions, mask = left_padding(left_pad.to(idx.device), start_pos, T)
+        T, end, mask, head_dim = idx.shape[1], start_pos + idx.shape[1], None, self.cfg.d_model // self.cfg.n_head
         # fp32 tables whatever dtype the weights run in (apply_rope rotates in fp32): in bf16, cos/sin would keep 8
         # significant bits. Whatever wraps the blocks must hand them over unconverted.
-        cos, sin = rope_cos_sin(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_theta)
+        if left_pad is not None:  # per-row positions
+            positions, mask = left_padding(left_pad.to(idx.device), start_pos, T)
+            cos, sin = rope_cos_sin(positions, head_dim, self.cfg.rope_theta)
+        elif end <= self.rope_cos.shape[0] and self.rope_cos.dtype == torch.float32:
+            cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
+        else:  # past the tables, or a model cast to another dtype
+            cos, sin = rope_cos_sin(torch.arange(start_pos, end, device=idx.device), head_dim, self.cfg.rope_theta)
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache, start_pos, mask)
@@ -235,6 +220,7 @@ class SmolLM(nn.Module):
         self.to_empty(device=device)
         if self.head.weight is not self.embed.weight:
             self.head.weight = self.embed.weight
+        self._fill_rope_tables()  # buffers too are empty after to_empty
         return self
 
     @torch.no_grad()

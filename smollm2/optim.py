@@ -25,6 +25,8 @@ class LocalAdamW(torch.optim.AdamW):
 
     def _init_group(self, group, *lists):
         has_complex = super()._init_group(group, *lists)
+        if not any(isinstance(p, DTensor) for p in lists[0]):  # plain tensors (world size 1 without FSDP2)
+            return has_complex
         for tensors in lists:  # params, grads, exp_avgs, exp_avg_sqs, (max_exp_avg_sqs), state_steps
             for i, t in enumerate(tensors):
                 if isinstance(t, DTensor):
@@ -37,18 +39,17 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     for param in model.parameters():  # the tied table appears once
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)  # biases and norms: no decay
-    # None: auto = fused on CUDA, foreach elsewhere. Fused on CPU is 4x faster for the host proxy's 147 tensors (1.5 vs
-    # 5.7 ms per step, bench/NOTES.md v3: `optim.fused=true`) but not bitwise the foreach update, and the bf16 CPU runs of
-    # tests/test_train_numerics.py sit at their tolerance with it; so it is opt-in on CPU.
+    # None: auto = fused on CUDA; elsewhere torch's single-tensor loop, bitwise the foreach update and faster on CPU,
+    # where foreach ops are per-tensor loops too (host proxy: 8.1 vs 9.5 ms per step; seed model: 429 vs 457 ms;
+    # bench/NOTES.md v4). Fused on CPU is faster still (2.5 and 76 ms) but not bitwise the others, and the bf16 CPU runs
+    # of tests/test_train_numerics.py sit at their tolerance with it; so it is opt-in on CPU (`optim.fused=true`).
     fused = device.type == "cuda" if cfg.fused is None else cfg.fused
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return LocalAdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-        fused=fused, foreach=None if fused else True,
-    )
+    return LocalAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused,
+                      foreach=None if fused else device.type == "cuda")
 
 
 class LRSchedule:

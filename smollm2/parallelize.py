@@ -27,6 +27,11 @@ def compile_enabled(setting: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" if setting is None else setting
 
 
+def compile_options(cpp_wrapper: bool | None, device: torch.device) -> dict:
+    """torch.compile's options for the model: train.cpp_wrapper (None = auto: on for CPU, where it is measured)."""
+    return {"cpp_wrapper": device.type == "cpu" if cpp_wrapper is None else cpp_wrapper}
+
+
 def _selective_policy():
     """Save the matmul and attention outputs, recompute the cheap elementwise ops (norms, GELU, RoPE)."""
     from torch.utils.checkpoint import CheckpointPolicy
@@ -123,11 +128,23 @@ def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
 def build_model(cfg: Config, env: DistEnv, *, init_seed: int | None = None) -> SmolLM:
     """The training model: sharded, mixed precision, recomputing and compiled as configured, weights initialized."""
     compiled = compile_enabled(cfg.train.compile, env.device)
+    units = fsdp_units(cfg.train.fsdp_wrap, env.world_size)
+    _check_dp_shard(env, cfg.train.dp_shard)
+    if units is None and cfg.train.dtype == Dtype.bf16 and cfg.train.reduce_dtype == Dtype.bf16:
+        units = FsdpWrap.root  # FSDP2 would accumulate un-synced gradients in bf16: keep its numerics
+    # What is compiled follows the FSDP units: per-block units compile per block (FSDP2's hooks run between them); one
+    # root unit or none compiles the model's forward as one graph (FSDP2's hooks and the bf16 parameter cast stay outside
+    # it; the loss chunk is traced into it, not compiled on its own). At world size 1 that is one graph where 12 cost
+    # ~9% more host time on the CPU proxy (bench/NOTES.md v4).
+    per_block = compiled and units == FsdpWrap.block
     with torch.device("meta"):  # the recompute runs inside each block's forward, so a compiled block traces it
-        model = SmolLM(cfg.model, recompute=recompute_fn(cfg.train.activation_checkpointing), compiled_loss=compiled)
-    if compiled:
+        model = SmolLM(cfg.model, recompute=recompute_fn(cfg.train.activation_checkpointing), compiled_loss=per_block)
+    options = compile_options(cfg.train.cpp_wrapper, env.device)
+    if per_block:
         for block in model.blocks:  # per-block compile keeps parameter names (and so checkpoints) unchanged
-            block.compile()
+            block.compile(options=options)
+    elif compiled:  # the bound method, not Module.compile(): that would trace __call__, hooks included
+        model.forward = torch.compile(model.forward, options=options)
     # cast_forward_inputs=False: by default each FSDP unit casts its forward's float inputs to param_dtype. The blocks'
     # inputs are the residual stream (already bf16: the embedding runs on bf16 weights) and the RoPE cos/sin tables,
     # which must stay fp32 (bf16 keeps 8 significant bits). Per-block units would round the tables to bf16; with one
@@ -139,10 +156,6 @@ def build_model(cfg: Config, env: DistEnv, *, init_seed: int | None = None) -> S
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce, cast_forward_inputs=False)
     else:
         mp = MixedPrecisionPolicy()
-    units = fsdp_units(cfg.train.fsdp_wrap, env.world_size)
-    _check_dp_shard(env, cfg.train.dp_shard)
-    if units is None and cfg.train.dtype == Dtype.bf16 and cfg.train.reduce_dtype == Dtype.bf16:
-        units = FsdpWrap.root  # FSDP2 would accumulate un-synced gradients in bf16: keep its numerics
     if units is not None:
         shard = partial(fully_shard, mp_policy=mp, mesh=data_parallel_mesh(env, cfg.train.dp_shard))
         if units == FsdpWrap.block:

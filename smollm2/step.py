@@ -71,7 +71,9 @@ def train_step(model, optimizer: torch.optim.Optimizer, micro_batches, accum: in
     for k, (inputs, targets) in enumerate(micro_batches):
         if sync is not None:  # FSDP2: gradients reduce only on the last micro-step
             sync(k == last)
-        loss = model(inputs, targets) / accum
+        loss = model(inputs, targets)
+        if accum > 1:  # (dividing by 1 is exact; skipping it saves an op and an autograd node per micro-step)
+            loss = loss / accum
         loss.backward()
         loss_sum += loss.detach()
     if inspect_grads is not None:

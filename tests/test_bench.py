@@ -73,6 +73,11 @@ def test_host_proxy_is_a_named_case_with_op_counts():
     (case,) = [parse_case(spec, cfg) for spec in proxy.cases]
     assert (case.micro_batch, case.seq_len, case.compile, case.reference) == (1, 64, "true", True)
     assert proxy.rounds == 3
+    from bench.step import case_config  # the cpp wrapper lever: the config's setting unless a case names it
+
+    assert case_config(cfg, case).train.cpp_wrapper is None
+    lever = parse_case("B=8,T=2048,ac=none,cpp=true", cfg)
+    assert case_config(cfg, lever).train.cpp_wrapper is True and lever.label.endswith("cpp=True")
     row = {"impl": "smollm2", "activation_checkpointing": "none", "round_ratios": [0.9, 1.2, 1.05],
            "ratio_to_reference": 1.0}
     (target,) = evaluate_targets([row], torch.device("cpu"), proxy="host")

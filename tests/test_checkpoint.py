@@ -138,6 +138,25 @@ def test_load_restores_the_saved_weights_and_train_state(tmp_path):
     assert not torch.equal(saved[1]["norm.bias"], saved[2]["norm.bias"])  # the two checkpoints do differ
 
 
+def test_load_keeps_how_this_run_updates(tmp_path):
+    """The optimizer's state and hyperparameters come from the checkpoint; how the update runs (fused, foreach) stays
+    this run's: a fused run's checkpoint resumes into an unfused optimizer unfused, with the same moments."""
+    root = tmp_path / "checkpoints"
+    cfg = small_config()
+    with one_rank_group():
+        model, _ = small_model(cfg)
+        fused = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        model(*torch.randint(0, 1000, (2, 2, 8))).backward()
+        fused.step()
+        mark_and_save(Checkpointer(root, 0, rank=0, world_size=1), 1, model, fused, cfg)
+        other, unfused = small_model(cfg, seed=1)
+        Checkpointer(root, 0, rank=0, world_size=1).load(root / "step-000001", other, unfused, cfg)
+    assert [g["fused"] for g in fused.param_groups] == [True]
+    assert [g["fused"] for g in unfused.param_groups] == [None]  # its own setting (None: not fused), not the file's
+    for p, q in zip(model.parameters(), other.parameters()):
+        assert torch.equal(fused.state[p]["exp_avg_sq"], unfused.state[q]["exp_avg_sq"])
+
+
 # ------------------------------------------------------------------------------------------------------------- resolve
 
 

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # smollm2's modules in layers: a module imports only from lower layers (data_prep -> shards/manifest -> data -> train ->
 # step -> model/loss, with parallelize between config and the model).
 LAYERS = [
-    {"errors", "files", "loss", "step", "gradflow", "space_app"},
+    {"errors", "files", "loss", "rotary", "step", "gradflow", "space_app"},
     {"config", "tokenizer", "shards", "manifest", "ranklog", "plot"},
     {"data", "distributed", "model", "optim", "metrics", "tracking", "hf_tokenizer"},
     {"parallelize", "checkpoint", "stopping"},

@@ -65,6 +65,26 @@ def test_meta_device_build_then_init_equals_eager_init():
     assert meta.head.weight is meta.embed.weight
 
 
+def test_rope_tables_are_buffers_that_match_computing_them():
+    """The forward slices fp32 cos/sin tables (not saved, refilled after the meta device) instead of computing them each
+    call: the same values, bitwise, at any start position; past the tables or in another dtype it computes them."""
+    with torch.device("meta"):
+        meta = SmolLM(TINY)
+    meta.materialize("cpu")
+    head_dim = TINY.d_model // TINY.n_head
+    cos, sin = rope_cos_sin(torch.arange(TINY.max_seq_len), head_dim, TINY.rope_theta)
+    assert torch.equal(meta.rope_cos, cos) and torch.equal(meta.rope_sin, sin)
+    assert not any(name.startswith("rope_") for name in meta.state_dict())
+    model = make_model()
+    idx = torch.randint(0, 50258, (2, 6))
+    for start in (0, 5):
+        sliced = model(idx, start_pos=start)
+        model.rope_cos = model.rope_cos[:0]  # empty tables: the forward computes them
+        computed = model(idx, start_pos=start)
+        model._fill_rope_tables()
+        assert torch.equal(sliced, computed), start
+
+
 def test_padded_logits_are_minus_inf():
     model = make_model()
     logits = model(torch.randint(0, 50258, (2, 10)))

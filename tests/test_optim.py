@@ -74,3 +74,26 @@ def test_throughput_excludes_paused_time():
         time.sleep(0.3)
     m = meter.measure(remaining_steps=0)
     assert m["step_ms"] < 150 and m["mfu"] is None
+
+
+def test_unfused_cpu_default_is_the_single_tensor_loop_and_bitwise_foreach():
+    """optim.fused=null on CPU: torch's single-tensor AdamW (faster there than foreach, whose CPU ops are per-tensor loops
+    too; bench/NOTES.md v4), and the same update as foreach to the bit."""
+    cfg = OptimConfig(lr=3e-3)
+    models = [SmolLM(ModelConfig(n_layer=1, n_head=2, d_model=16, d_mlp=32, max_seq_len=16)) for _ in range(2)]
+    for model in models:
+        model.init_weights(0)
+    ours = build_optimizer(models[0], cfg, torch.device("cpu"))
+    assert ours.defaults["foreach"] is False and ours.defaults["fused"] is False
+    foreach = build_optimizer(models[1], cfg, torch.device("cpu"))
+    for group in foreach.param_groups:
+        group["foreach"] = True
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            a.grad = torch.randn(a.shape, generator=generator)
+            b.grad = a.grad.clone()
+        ours.step()
+        foreach.step()
+    assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
+

@@ -11,13 +11,19 @@ import pytest
 import torch
 
 from smollm2.config import FsdpWrap
-from smollm2.parallelize import fsdp_units
+from smollm2.parallelize import compile_options, fsdp_units
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_auto_means_no_fsdp2_at_world_size_1_only():
     assert fsdp_units(FsdpWrap.auto, 1) is None and fsdp_units(FsdpWrap.auto, 2) == FsdpWrap.block
+
+
+def test_cpp_wrapper_auto_is_on_for_cpu_only():  # bench/NOTES.md v4: measured on CPU; a GPU row measures it there
+    assert compile_options(None, torch.device("cpu")) == {"cpp_wrapper": True}
+    assert compile_options(None, torch.device("cuda")) == {"cpp_wrapper": False}
+    assert compile_options(False, torch.device("cpu")) == {"cpp_wrapper": False}
 
 
 def _train(rank: int, dtype: str, compile_: bool):
