@@ -57,7 +57,7 @@ test: $(INSTALLED)
 	$(BIN)/python -m pytest -q tests
 
 test-fast: $(INSTALLED)
-	$(BIN)/python -m pytest -q tests -m "not slow"
+	$(BIN)/python -m pytest -q tests -m unit
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check smollm2 data_prep bench tests

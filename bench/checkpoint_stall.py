@@ -22,17 +22,18 @@ from pathlib import Path
 
 import torch
 
-from smollm2.checkpoint import Checkpointer
+from smollm2.checkpoint import Checkpointer, ModelAndOptimizer
 from smollm2.config import load_config
 from smollm2.distributed import init_distributed, shutdown
 from smollm2.optim import build_optimizer
 from smollm2.parallelize import build_model
 from smollm2.step import train_step
+from smollm2.train import TrainState
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.checkpoint_stall", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs/smollm2_135.yaml"))
     parser.add_argument("--saves", type=int, default=3, help="saves per mode")
@@ -40,7 +41,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", default="1x64", help="micro-batch BxT of the training steps")
     parser.add_argument("--dir", help="where to write (default: a temporary directory)")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def time_saves(args: argparse.Namespace, cfg, env, model, optimizer, step, base: Path) -> tuple[dict, float]:
+    """`args.saves` saves per mode, the modes interleaved, each followed by `args.steps_between` timed steps: the
+    stall, overlap and committed seconds of each save per mode, and the last synchronous round's step time."""
+    results: dict[str, dict[str, list[float]]] = {m: {"stall": [], "overlap": [], "committed": []} for m in ("sync", "async")}
+    baseline = 0.0
+    for i in range(args.saves):
+        for mode in ("sync", "async"):  # interleaved: drift on a shared machine hits both alike
+            root = base / mode
+            shutil.rmtree(root, ignore_errors=True)
+            ckpt = Checkpointer(root, keep_last=1, rank=env.rank, world_size=env.world_size, async_save=mode == "async")
+            start = time.perf_counter()
+            ckpt.save(i + 1, {"model": ModelAndOptimizer(model, optimizer), "train": TrainState(step=i + 1)}, cfg)
+            stall = time.perf_counter() - start
+            steps = [step() for _ in range(args.steps_between)]
+            ckpt.wait()
+            committed = stall if mode == "sync" else time.perf_counter() - start
+            if mode == "sync":  # nothing in the background: these steps are the baseline of this round
+                baseline = statistics.median(steps)
+            results[mode]["stall"].append(stall)
+            results[mode]["overlap"].append(max(0.0, sum(steps) - args.steps_between * baseline))
+            results[mode]["committed"].append(committed)
+            print(f"save {i + 1} {mode:5}: stall {stall:6.2f}s  steps slower by {results[mode]['overlap'][-1]:5.2f}s "
+                  f" committed after {committed:6.2f}s", flush=True)
+    return results, baseline
+
+
+def report(results: dict, baseline: float, model, saves: int) -> None:
+    size = sum(p.numel() for p in model.parameters()) * 4 * 3 / 1e9
+    print(f"\nseed shape, {size:.1f} GB of model + AdamW state, 1 rank, CPU; a step {baseline:.2f}s; medians of "
+          f"{saves} saves per mode:")
+    cost = {}
+    for mode, r in results.items():
+        stall, overlap = statistics.median(r["stall"]), statistics.median(r["overlap"])
+        cost[mode] = stall + overlap
+        print(f"  {mode:5}  stall {stall:6.2f}s  + slower steps {overlap:5.2f}s  = {cost[mode]:6.2f}s lost   "
+              f"(committed after {statistics.median(r['committed']):.2f}s)")
+    print(f"  async / sync training time lost per checkpoint: {cost['async'] / cost['sync']:.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     micro, seq = (int(x) for x in args.batch.split("x"))
     cfg = load_config(args.config, ["train.device=cpu", "train.dtype=fp32", "train.compile=false", *args.overrides])
     env = init_distributed(cfg.train.device)
@@ -57,44 +101,15 @@ def main(argv: list[str] | None = None) -> int:
 
     step()  # optimizer state exists: the checkpoint has its full size
     base = Path(args.dir or tempfile.mkdtemp(prefix="ckpt-stall-"))
-    results: dict[str, dict[str, list[float]]] = {m: {"stall": [], "overlap": [], "committed": []} for m in ("sync", "async")}
     for _ in range(2):
         step()  # warm-up
-    baseline = 0.0
     try:
-        for i in range(args.saves):
-            for mode in ("sync", "async"):  # interleaved: drift on a shared machine hits both alike
-                root = base / mode
-                shutil.rmtree(root, ignore_errors=True)
-                ckpt = Checkpointer(root, keep_last=1, rank=env.rank, world_size=env.world_size,
-                                    async_save=mode == "async")
-                start = time.perf_counter()
-                ckpt.save(i + 1, model, optimizer, {"step": i + 1}, cfg)
-                stall = time.perf_counter() - start
-                steps = [step() for _ in range(args.steps_between)]
-                ckpt.wait()
-                committed = stall if mode == "sync" else time.perf_counter() - start
-                if mode == "sync":  # nothing in the background: these steps are the baseline of this round
-                    baseline = statistics.median(steps)
-                results[mode]["stall"].append(stall)
-                results[mode]["overlap"].append(max(0.0, sum(steps) - args.steps_between * baseline))
-                results[mode]["committed"].append(committed)
-                print(f"save {i + 1} {mode:5}: stall {stall:6.2f}s  steps slower by {results[mode]['overlap'][-1]:5.2f}s "
-                      f" committed after {committed:6.2f}s", flush=True)
+        results, baseline = time_saves(args, cfg, env, model, optimizer, step, base)
     finally:
         if not args.dir:
             shutil.rmtree(base, ignore_errors=True)
         shutdown()
-    size = sum(p.numel() for p in model.parameters()) * 4 * 3 / 1e9
-    print(f"\nseed shape, {size:.1f} GB of model + AdamW state, 1 rank, CPU; a step {baseline:.2f}s; medians of "
-          f"{args.saves} saves per mode:")
-    cost = {}
-    for mode, r in results.items():
-        stall, overlap = statistics.median(r["stall"]), statistics.median(r["overlap"])
-        cost[mode] = stall + overlap
-        print(f"  {mode:5}  stall {stall:6.2f}s  + slower steps {overlap:5.2f}s  = {cost[mode]:6.2f}s lost   "
-              f"(committed after {statistics.median(r['committed']):.2f}s)")
-    print(f"  async / sync training time lost per checkpoint: {cost['async'] / cost['sync']:.2f}x")
+    report(results, baseline, model, args.saves)
     return 0
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU target of issue 13 in one run of under 8 minutes, on a GPU machine (without network access: bring .whl/ from
+# Every GPU target (bench/cases.py) in one run of under 8 minutes, on a GPU machine (without network access: bring .whl/ from
 # bench/wheels.sh, and data/shakespeare, which git ignores, for the real loop):
 #   1. the benchmark (bench/gpu_check.sh): B=8 T=2048 no AC + the reference, full AC, selective AC, median of 3
 #      interleaved rounds, op counts (--count-ops), then levers while its budget lasts; the targets' PASS/FAIL lines;
@@ -29,7 +29,7 @@ if ! compgen -G "$DATA/*train*.bin" >/dev/null; then
   DATA=/tmp/real_loop_data
   echo "=== real loop: no shard in ${REAL_DATA:-data/shakespeare}; writing random GPT-2 tokens to $DATA (not a real shard) ==="
   python3 -c "
-import numpy as np; from pathlib import Path; from smollm2.shards import write_shard
+import numpy as np; from pathlib import Path; from smollm2.data.shards import write_shard
 out = Path('$DATA'); out.mkdir(parents=True, exist_ok=True); rng = np.random.default_rng(0)
 write_shard(out / 'fineweb_train_000001.bin', rng.integers(0, 50257, 2_000_000).astype(np.uint16))
 write_shard(out / 'fineweb_val_000000.bin', rng.integers(0, 50257, 100_000).astype(np.uint16))"

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.step import Ours, parse_case, synchronize, time_steps
-from smollm2 import loss as loss_module
 from smollm2.config import load_config
 from smollm2.distributed import init_distributed
+from smollm2.model import loss as loss_module
 from smollm2.model import padded_vocab_size
 
 

@@ -14,8 +14,8 @@ import time
 import torch
 
 from smollm2.config import load_config
-from smollm2.gradflow import group_grad_norms, group_histograms
 from smollm2.model import SmolLM
+from smollm2.observe.gradflow import group_grad_norms, group_histograms
 
 
 def _time(fn, device: torch.device, repeats: int) -> float:

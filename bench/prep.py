@@ -14,8 +14,8 @@ import time
 
 from data_prep.prep import PrepOptions, prepare
 from data_prep.sources import resolve_source
+from smollm2.data.tokenizer import get_tokenizer
 from smollm2.errors import run_cli
-from smollm2.tokenizer import get_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
     python -m bench.real_loop --metrics RUN_DIR/metrics.jsonl --bench bench.json [--case "B=8 T=2048 accum=1 ac=none"]
 
 The run's first `--skip` log records (compile and warm-up) are left out; the rest's median tok/s is compared with the
-benchmark row whose label starts with `--case` (default: the first smollm2 row without an error). Target (issue 13):
+benchmark row whose label starts with `--case` (default: the first smollm2 row without an error). Target:
 the real loop >= 0.95x the benchmark. Prints one PASS/FAIL line and writes `real_loop.json` next to the bench JSON.
 """
 

@@ -8,41 +8,42 @@ repository root:
 
 A case is `key=value` pairs joined by commas: B (micro-batch), T (seq_len), accum (grad accumulation, default 1),
 ac (none|full|selective), compile (true|false|whole), sdpa (default|flash|cudnn|efficient|math), reshard (true|false),
-wrap (auto|block|root: train.fsdp_wrap),
+wrap (auto|block|root: train.fsdp_wrap), cpp (true|false: train.cpp_wrapper),
 ref (1: also time the reference on this (B, T, accum, compile), default for ac=none rows). Random tokens, no dataset.
-Timing: median of the timed steps after warm-up (CUDA events on GPUs, wall clock on CPU); MFU against the bf16 (or fp32)
-matmul peak measured in the same process; FLOPs per token 6N + 12*L*H*Q*T. Rows print as they finish; a table, the
-targets (PASS/FAIL against `TARGETS` below) and JSON (`--json`, or `$OUT/bench.json` when $OUT is set) at the end.
-`--budget-s` skips the cases that would start after that many seconds, so a time-boxed GPU run still prints its table.
+Timing: median of the timed steps after warm-up (CUDA events on GPUs, wall clock on CPU; bench/timing.py); MFU against
+the bf16 (or fp32) matmul peak measured in the same process; FLOPs per token 6N + 12*L*H*Q*T. Rows print as they finish;
+a table, the targets (PASS/FAIL against `TARGETS` in bench/cases.py) and JSON (`--json`, or `$OUT/bench.json` when $OUT
+is set) at the end. `--budget-s` skips the cases that would start after that many seconds, so a time-boxed GPU run still
+prints its table.
 
-Named proxies (`--proxy NAME`, see `PROXIES`) fix a config, overrides and cases; `--proxy host` is the GPU-free measure of
-host overhead (issue 13): the seed model's structure (12 blocks, FSDP2 root, per-block compile) with tiny math, fp32 on
-CPU, compile on for both, 3 interleaved rounds; options and overrides given on the command line still apply on top.
-`--count-ops` (on for proxies) profiles one more step of each implementation after timing (`torch.profiler`, CPU
-activity): aten ops, all profiler events and the profiled CPU time per step, in the table and the JSON.
+Named proxies (`--proxy NAME`, see `PROXIES` in bench/cases.py) fix a config, overrides and cases; `--proxy host` is the
+GPU-free measure of host overhead: the seed model's structure (12 blocks, FSDP2 root, per-block compile) with
+tiny math, fp32 on CPU, compile on for both, 3 interleaved rounds; options and overrides given on the command line still
+apply on top. `--count-ops` (on for proxies) profiles one more step of each implementation after timing
+(`torch.profiler`, CPU activity): aten ops, all profiler events and the profiled CPU time per step, in the table and the
+JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
 import statistics
 import sys
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from bench.cases import CPU_CASES, GPU_CASES, PROXIES, Case, case_config, compile_on, evaluate_targets, parse_case, random_batches
 from bench.reference import GPTConfig, ReferenceTrainer
+from bench.timing import count_ops, matmul_peak_tflops, reset_memory, sdpa_backend, synchronize, time_alternating, time_steps
 from smollm2.config import Config, load_config
 from smollm2.distributed import DistEnv, init_distributed, shutdown
-from smollm2.metrics import PEAK_TFLOPS, flops_per_token, peak_memory_gib
 from smollm2.model import padded_vocab_size
+from smollm2.observe.metrics import PEAK_TFLOPS, flops_per_token, peak_memory_gib
 from smollm2.optim import build_optimizer
 from smollm2.parallelize import build_model
 from smollm2.step import train_step
@@ -50,236 +51,7 @@ from smollm2.step import train_step
 ROOT = Path(__file__).resolve().parents[1]  # presets are found from here too when run from another directory
 
 
-@dataclass(frozen=True)
-class Targets:
-    """What PASS means (`evaluate_targets`). Ratios are tok/s over tok/s; MFU is against the matmul peak measured in the
-    same process; the GPU targets are read on the B x T no-AC, full-AC and selective-AC rows of the default sweep."""
-
-    cpu_min_ratio: float = 0.90  # CPU (tiny config, 1 process): ours vs the reference; FSDP2 at world size 1 costs a little
-    gpu_batch: tuple[int, int] = (8, 2048)  # (B, T) of the GPU target rows
-    gpu_min_ratio: float = 1.10  # no AC: ours vs the compiled reference
-    gpu_min_mfu: float = 0.60  # no AC
-    gpu_max_mem_gib: float = 9.0  # no AC, peak allocated (issue 13; was 12)
-    full_ac_min_ratio: float = 0.80  # full AC vs no AC (issue 13; was 0.75)
-    selective_ac_min_ratio: float = 0.95  # selective AC vs no AC (issue 13)
-    host_proxy_min_ratio: float = 1.0  # `--proxy host`: ours vs the reference, median of the interleaved rounds' ratios
-
-
-TARGETS = Targets()
-
-GPU_CASES = [  # the targets' rows first; later rows are levers, skipped when --budget-s runs out
-    "B=8,T=2048,ac=none,ref=1", "B=8,T=2048,ac=full", "B=8,T=2048,ac=selective",
-    "B=8,T=2048,ac=none,wrap=block", "B=8,T=2048,ac=none,cpp=true", "B=8,T=2048,ac=none,compile=false,ref=1",
-    "B=8,T=2048,ac=none,sdpa=cudnn", "B=8,T=2048,ac=none,sdpa=flash", "B=16,T=1024,ac=none,ref=1",
-    "B=8,T=2048,ac=none,wrap=block,reshard=false",
-]
-CPU_CASES = ["ac=none,ref=1", "ac=full", "ac=selective"]
-
-
-@dataclass(frozen=True)
-class Proxy:
-    """A named benchmark: what `--proxy NAME` sets (command-line options and overrides still apply on top)."""
-
-    config: str
-    cases: tuple[str, ...]
-    overrides: tuple[str, ...]
-    warmup: int = 3
-    steps: int = 10
-    rounds: int = 3
-    about: str = ""
-
-
-PROXIES = {
-    "host": Proxy(  # issue 13: host overhead without a GPU; the seed model's structure, tiny math
-        config="configs/smollm2_135.yaml", cases=("B=1,T=64,ac=none,ref=1,compile=true",),
-        # each side's own CPU AdamW (ours foreach, nanoGPT's single-tensor); optim.fused=true fuses both alike
-        overrides=("model.d_model=96", "model.d_mlp=384", "model.vocab_size=1024", "train.dtype=fp32", "data.seq_len=64",
-                   "train.device=cpu"),
-        about="12 blocks of d_model 96, vocab 1024, B=1 T=64, fp32, CPU, compile on for both: the step is host overhead"),
-}
-
-
-@dataclass(frozen=True)
-class Case:
-    micro_batch: int
-    seq_len: int
-    accum: int = 1
-    ac: str = "none"
-    compile: str = "auto"  # auto | true | false | whole
-    sdpa: str = "default"
-    reshard: bool | None = None  # None: the config's
-    wrap: str | None = None  # None: the config's train.fsdp_wrap
-    cpp: bool | None = None  # None: the config's train.cpp_wrapper
-    reference: bool = False
-
-    @property
-    def label(self) -> str:
-        extra = "".join(f" {k}={v}" for k, v in (("sdpa", self.sdpa), ("reshard", self.reshard), ("wrap", self.wrap),
-                                                 ("cpp", self.cpp)) if v not in ("default", None))
-        return f"B={self.micro_batch} T={self.seq_len} accum={self.accum} ac={self.ac} compile={self.compile}{extra}"
-
-
-def parse_case(spec: str, cfg: Config) -> Case:
-    fields = dict(micro_batch=cfg.data.micro_batch, seq_len=cfg.data.seq_len, accum=1, ac="none", compile="auto",
-                  sdpa="default", reshard=None, wrap=None, cpp=None, reference=False)
-    names = {"B": "micro_batch", "T": "seq_len", "accum": "accum", "ac": "ac", "compile": "compile", "sdpa": "sdpa",
-             "reshard": "reshard", "wrap": "wrap", "cpp": "cpp", "ref": "reference"}
-    for item in filter(None, spec.split(",")):
-        key, _, value = item.partition("=")
-        if key not in names or not value:
-            raise SystemExit(f"bench: bad case item {item!r} in {spec!r}; keys: {', '.join(names)}")
-        name = names[key]
-        if name in ("micro_batch", "seq_len", "accum"):
-            fields[name] = int(value)
-        elif name in ("reshard", "reference", "cpp"):
-            fields[name] = value.lower() in ("1", "true", "yes")
-        else:
-            fields[name] = value.lower()
-    case = Case(**fields)
-    if case.ac not in ("none", "full", "selective") or case.compile not in ("auto", "true", "false", "whole"):
-        raise SystemExit(f"bench: bad ac/compile in {spec!r}")
-    if case.sdpa not in ("default", "flash", "cudnn", "efficient", "math"):
-        raise SystemExit(f"bench: bad sdpa in {spec!r}")
-    if case.wrap not in (None, "auto", "block", "root"):
-        raise SystemExit(f"bench: bad wrap in {spec!r} (auto | block | root)")
-    return case
-
-
-# ------------------------------------------------------------------------------------------------------------- timing
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_steps(step, device: torch.device, warmup: int, steps: int) -> list[float]:
-    """Milliseconds of each timed step (after `warmup` untimed ones). CUDA events recorded around each step, read once at
-    the end (the step itself never syncs with the host); wall clock on CPU."""
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-        for start, end in events:
-            start.record()
-            step()
-            end.record()
-        torch.cuda.synchronize(device)
-        return [start.elapsed_time(end) for start, end in events]
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(1000 * (time.perf_counter() - start))
-    return times
-
-
-def time_alternating(steps_fns: list, device: torch.device, warmup: int, steps: int) -> list[list[float]]:
-    """Milliseconds of each timed step of each function, the functions taking turns step by step (A B A B ...), so a
-    burst of load from another process lands on all of them alike; `warmup` untimed turns first."""
-    for _ in range(warmup):
-        for fn in steps_fns:
-            fn()
-    synchronize(device)
-    if device.type == "cuda":
-        events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-                  for _ in steps_fns]
-        for i in range(steps):
-            for fn, fn_events in zip(steps_fns, events):
-                fn_events[i][0].record()
-                fn()
-                fn_events[i][1].record()
-        torch.cuda.synchronize(device)
-        return [[start.elapsed_time(end) for start, end in fn_events] for fn_events in events]
-    times: list[list[float]] = [[] for _ in steps_fns]
-    for _ in range(steps):
-        for fn, fn_times in zip(steps_fns, times):
-            start = time.perf_counter()
-            fn()
-            fn_times.append(1000 * (time.perf_counter() - start))
-    return times
-
-
-def count_ops(step, device: torch.device) -> dict:
-    """One more step under `torch.profiler` (CPU activity): dispatched aten ops, all profiler events (aten ops, autograd
-    nodes, compiled-graph calls, record_function ranges), the profiled CPU time (sum of self times) and wall time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    synchronize(device)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        wall = time.perf_counter() - start
-    averages = prof.key_averages()
-    return {"aten_ops": sum(a.count for a in averages if a.key.startswith("aten::")),
-            "profiler_events": sum(a.count for a in averages),
-            "profiled_cpu_ms": sum(a.self_cpu_time_total for a in averages) / 1000, "profiled_wall_ms": 1000 * wall}
-
-
-def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    """The device's dense matmul throughput in this process (bf16 on GPUs): best of a few timed runs."""
-    n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    reps = 20 if device.type == "cuda" else 5
-    best = float("inf")
-    for _ in range(3):
-        times = time_steps(lambda: torch.mm(a, b), device, warmup=2, steps=reps)
-        best = min(best, statistics.median(times))
-    return 2 * n**3 / (best / 1000) / 1e12
-
-
-def reset_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-@contextmanager
-def sdpa_backend(choice: str, device: torch.device):
-    """Restrict SDPA to one backend for the case (global flags: read when a compiled graph is traced)."""
-    if choice == "default" or device.type != "cuda":
-        yield
-        return
-    b = torch.backends.cuda
-    flags = {"flash": b.flash_sdp_enabled(), "efficient": b.mem_efficient_sdp_enabled(), "math": b.math_sdp_enabled(),
-             "cudnn": b.cudnn_sdp_enabled()}
-    setters = {"flash": b.enable_flash_sdp, "efficient": b.enable_mem_efficient_sdp, "math": b.enable_math_sdp,
-               "cudnn": b.enable_cudnn_sdp}
-    try:
-        for name, setter in setters.items():
-            setter(name == choice)
-        yield
-    finally:
-        for name, setter in setters.items():
-            setter(flags[name])
-
-
-def random_batches(case: Case, vocab: int, device: torch.device, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    windows = torch.randint(0, vocab, (case.accum, case.micro_batch, case.seq_len + 1), generator=generator)
-    windows = windows.to(device)
-    return [(w[:, :-1].contiguous(), w[:, 1:].contiguous()) for w in windows]
-
-
 # -------------------------------------------------------------------------------------------------------- the two runs
-
-
-def case_config(cfg: Config, case: Case) -> Config:
-    # train.compile: None = auto (on for CUDA); "whole" compiles the model from outside build_model, so not per block
-    compile_setting = {"auto": None, "true": True, "false": False, "whole": False}[case.compile]
-    train = replace(cfg.train, activation_checkpointing=case.ac, grad_accum=case.accum, compile=compile_setting,
-                    reshard_after_forward=cfg.train.reshard_after_forward if case.reshard is None else case.reshard,
-                    fsdp_wrap=cfg.train.fsdp_wrap if case.wrap is None else case.wrap,
-                    cpp_wrapper=cfg.train.cpp_wrapper if case.cpp is None else case.cpp)
-    return replace(cfg, train=train, data=replace(cfg.data, micro_batch=case.micro_batch, seq_len=case.seq_len))
-
-
-def compile_on(case: Case, device: torch.device) -> bool:
-    return case.compile in ("true", "whole") or (case.compile == "auto" and device.type == "cuda")
 
 
 class Ours:
@@ -398,68 +170,6 @@ def run_case(case: Case, cfg: Config, env: DistEnv, args, peak: float, reference
     return rows
 
 
-# ------------------------------------------------------------------------------------------------------------- targets
-
-
-def _find(rows: list[dict], **match) -> dict | None:
-    for row in rows:
-        if all(row.get(k) == v for k, v in match.items()):
-            return row
-    return None
-
-
-def _ratio(row: dict | None) -> float | None:
-    """Ours / reference tok/s: the median of the interleaved rounds' ratios when there were several, else the row's."""
-    if row is None:
-        return None
-    return statistics.median(row["round_ratios"]) if row.get("round_ratios") else row["ratio_to_reference"]
-
-
-def evaluate_targets(rows: list[dict], device: torch.device, targets: Targets = TARGETS,
-                     proxy: str | None = None) -> list[dict]:
-    """Each target PASS / FAIL / n/a (a row it needs is missing)."""
-    def line(name, ok, value):
-        return {"target": name, "status": "n/a" if ok is None else ("PASS" if ok else "FAIL"), "value": value}
-
-    t = targets
-    if proxy == "host":
-        ratio = _ratio(_find([r for r in rows if r.get("error") is None], impl="smollm2", activation_checkpointing="none"))
-        return [line(f"host proxy: smollm2 tok/s >= {t.host_proxy_min_ratio:.2f}x reference (median of rounds)",
-                     None if ratio is None else ratio >= t.host_proxy_min_ratio, ratio)]
-    ours = [r for r in rows if r["impl"] == "smollm2" and r["sdpa"] == "default" and r["reshard_after_forward"] is None
-            and r.get("fsdp_wrap") is None and r["accum"] == 1 and r.get("error") is None]
-    if device.type != "cuda":
-        base = _find(ours, activation_checkpointing="none", compile="auto")
-        ratio = base and base["ratio_to_reference"]
-        return [line(f"CPU: smollm2 tok/s >= {t.cpu_min_ratio:.2f}x reference (1 process)",
-                     None if ratio is None else ratio >= t.cpu_min_ratio, ratio)]
-    B, T = t.gpu_batch
-    compiled = {"compile": "auto", "micro_batch": B, "seq_len": T}
-    none = _find(ours, activation_checkpointing="none", **compiled)
-    full = _find(ours, activation_checkpointing="full", **compiled)
-    selective = _find(ours, activation_checkpointing="selective", **compiled)
-    ratio = _ratio(none)
-    out = [line(f"B={B} T={T} no AC: tok/s >= {t.gpu_min_ratio:.2f}x reference (median of rounds)",
-                None if ratio is None else ratio >= t.gpu_min_ratio, ratio),
-           line(f"B={B} T={T} no AC: MFU >= {t.gpu_min_mfu:.2f} (measured peak)",
-                None if none is None else none["mfu"] >= t.gpu_min_mfu, none and none["mfu"]),
-           line(f"B={B} T={T} no AC: peak memory <= {t.gpu_max_mem_gib:g} GiB",
-                None if none is None else none["peak_mem_gib"] <= t.gpu_max_mem_gib, none and none["peak_mem_gib"])]
-    full_ratio = full["tok_per_s"] / none["tok_per_s"] if full and none else None
-    out.append(line(f"full AC: tok/s >= {t.full_ac_min_ratio:.2f}x no AC",
-                    None if full_ratio is None else full_ratio >= t.full_ac_min_ratio, full_ratio))
-    sel_ratio = selective["tok_per_s"] / none["tok_per_s"] if selective and none else None
-    between = None if not (selective and full and none) else (  # 1-2% slack: run-to-run noise, not a target
-        full["tok_per_s"] <= selective["tok_per_s"] <= none["tok_per_s"] * 1.01
-        and full["peak_mem_gib"] <= selective["peak_mem_gib"] * 1.01 <= none["peak_mem_gib"] * 1.02)
-    out.append(line(f"selective AC: tok/s >= {t.selective_ac_min_ratio:.2f}x no AC",
-                    None if sel_ratio is None else sel_ratio >= t.selective_ac_min_ratio, sel_ratio))
-    out.append(line("selective AC: between full and none (tok/s and memory)", between, sel_ratio))
-    ref = _find(rows, impl="reference", **{"micro_batch": B, "seq_len": T, "compile": "true"})
-    out.append(line("info: reference MFU (nanoGPT on H200: 0.545)", None, ref and ref["mfu"]))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------------- output
 
 
@@ -504,7 +214,8 @@ def environment(device: torch.device) -> dict:
     return info
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with a named proxy's settings under whatever it gives."""
     parser = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="preset (default: configs/smollm2_135.yaml on CUDA, configs/tiny.yaml on CPU)")
     parser.add_argument("--cases", nargs="+", help="case specs, e.g. B=8,T=2048,ac=none,ref=1 (default: a preset sweep)")
@@ -529,7 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         args.steps = proxy.steps if args.steps is None else args.steps
         args.rounds = proxy.rounds if args.rounds is None else args.rounds
         args.count_ops = True
+    return args
 
+
+def setup(args: argparse.Namespace) -> tuple[str, Config, DistEnv, list[Case]]:
+    """The config (path and loaded), the process group, the device's defaults for the options left unset, and the
+    cases; TF32 on GPUs and one static graph per shape."""
     cuda = torch.cuda.is_available() and not any(o.startswith("train.device=cpu") for o in args.overrides)
     config = args.config or ("configs/smollm2_135.yaml" if cuda else "configs/tiny.yaml")
     if not Path(config).is_file() and (ROOT / config).is_file():
@@ -548,25 +264,26 @@ def main(argv: list[str] | None = None) -> int:
     # Each (B, T) compiles to its own static graph, as a fresh training run would (no dynamic-shape fallback).
     torch._dynamo.config.automatic_dynamic_shapes = False
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return config, cfg, env, cases
 
-    started = time.perf_counter()
-    main_rank = env.is_main
-    peak_dtype = torch.bfloat16 if (device.type == "cuda" or cfg.train.dtype == "bf16") else torch.float32
-    peak = matmul_peak_tflops(device, peak_dtype)
-    info = environment(device)
-    if main_rank:
-        print(f"bench | {config} | {info} | world size {env.world_size} | dtype {cfg.train.dtype} | "
-              f"measured {str(peak_dtype).removeprefix('torch.')} matmul peak {peak:.4g} TFLOP/s | "
-              f"warmup {args.warmup}, timed {args.steps} x {args.rounds} round(s)", flush=True)
+
+def error_row(case: Case, error: str) -> dict:
+    """The row of a case that was skipped or failed: the table and the JSON keep it."""
+    return {"impl": "smollm2", "case": case.label, "error": error, "sdpa": case.sdpa,
+            "reshard_after_forward": case.reshard, "fsdp_wrap": case.wrap, "accum": case.accum}
+
+
+def run_cases(cases: list[Case], cfg: Config, env: DistEnv, args: argparse.Namespace, peak: float,
+              started: float) -> list[dict]:
+    """Every case in order (none started once `--budget-s` is spent; a failing one is an error row), each row printed
+    as it finishes."""
     rows: list[dict] = []
     reference_cache: dict = {}
     previous_sdpa = "default"
     for case in cases:
         elapsed = time.perf_counter() - started
         if args.budget_s is not None and elapsed > args.budget_s:
-            rows.append({"impl": "smollm2", "case": case.label, "error": f"skipped: budget {args.budget_s:.0f}s spent",
-                         "sdpa": case.sdpa, "reshard_after_forward": case.reshard, "fsdp_wrap": case.wrap,
-                         "accum": case.accum})
+            rows.append(error_row(case, f"skipped: budget {args.budget_s:.0f}s spent"))
             continue
         if case.sdpa != previous_sdpa or case.compile == "whole":  # compiled graphs bake the attention kernel in
             torch._dynamo.reset()
@@ -574,33 +291,52 @@ def main(argv: list[str] | None = None) -> int:
         try:
             new = run_case(case, cfg, env, args, peak, reference_cache)
         except Exception as err:  # noqa: BLE001 - one failing lever must not lose the table
-            new = [{"impl": "smollm2", "case": case.label, "error": f"{type(err).__name__}: {str(err)[:300]}",
-                    "sdpa": case.sdpa, "reshard_after_forward": case.reshard, "fsdp_wrap": case.wrap,
-                    "accum": case.accum}]
-            reset_memory(device)
+            new = [error_row(case, f"{type(err).__name__}: {str(err)[:300]}")]
+            reset_memory(env.device)
         rows.extend(new)
-        if main_rank:
+        if env.is_main:
             for row in new:
                 status = row.get("error") or (f"{row['step_ms']:.2f} ms, {row['tok_per_s']:,.0f} tok/s, "
                                               f"x ref {_fmt(row['ratio_to_reference'], '.3f')}")
                 print(f"[{time.perf_counter() - started:6.0f}s] {row['impl']:<9} {case.label}: {status}", flush=True)
+    return rows
+
+
+def report(result: dict, json_path: str | None) -> None:
+    """The table, the targets and the JSON (`--json`, else $OUT/bench.json when $OUT is set)."""
+    print()
+    print_table(result["rows"])
+    print()
+    for t in result["targets"]:
+        print(f"{t['status']:<5} {t['target']}: {_fmt(t['value'], '.3f')}")
+    out = json_path or (os.path.join(os.environ["OUT"], "bench.json") if os.environ.get("OUT") else None)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1))
+        print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config, cfg, env, cases = setup(args)
+    device = env.device
+    started = time.perf_counter()
+    peak_dtype = torch.bfloat16 if (device.type == "cuda" or cfg.train.dtype == "bf16") else torch.float32
+    peak = matmul_peak_tflops(device, peak_dtype)
+    info = environment(device)
+    if env.is_main:
+        print(f"bench | {config} | {info} | world size {env.world_size} | dtype {cfg.train.dtype} | "
+              f"measured {str(peak_dtype).removeprefix('torch.')} matmul peak {peak:.4g} TFLOP/s | "
+              f"warmup {args.warmup}, timed {args.steps} x {args.rounds} round(s)", flush=True)
+    rows = run_cases(cases, cfg, env, args, peak, started)
     targets = evaluate_targets(rows, device, proxy=args.proxy)
     result = {"config": config, "overrides": args.overrides, "environment": info, "world_size": env.world_size,
               "matmul_peak_tflops": peak, "matmul_peak_dtype": str(peak_dtype).removeprefix("torch."),
               "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds, "proxy": args.proxy, "rows": rows,
               "targets": targets,
               "elapsed_s": time.perf_counter() - started}
-    if main_rank:
-        print()
-        print_table(rows)
-        print()
-        for t in targets:
-            print(f"{t['status']:<5} {t['target']}: {_fmt(t['value'], '.3f')}")
-        out = args.json or (os.path.join(os.environ["OUT"], "bench.json") if os.environ.get("OUT") else None)
-        if out:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(json.dumps(result, indent=1))
-            print(f"wrote {out}")
+    if env.is_main:
+        report(result, args.json)
     shutdown()
     return 0
 

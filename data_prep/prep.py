@@ -33,10 +33,10 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.sources import Piece, Source, resolve_source
+from smollm2.data.manifest import INCOMPLETE_MARKER, MANIFEST_NAME, MANIFEST_VERSION, read_manifest, write_manifest
+from smollm2.data.shards import MAX_TOKENS, ShardWriter, read_header
+from smollm2.data.tokenizer import EOS_ID, RANKS_SHA256, VOCAB_SIZE, get_tokenizer
 from smollm2.errors import DataError
-from smollm2.manifest import INCOMPLETE_MARKER, MANIFEST_NAME, MANIFEST_VERSION, read_manifest, write_manifest
-from smollm2.shards import MAX_TOKENS, ShardWriter, read_header
-from smollm2.tokenizer import EOS_ID, RANKS_SHA256, VOCAB_SIZE, get_tokenizer
 
 DEFAULT_VAL_FRACTION = 0.05
 CHUNK_CHARS = 1 << 16  # text per tokenizer job: small, so the last jobs of a run do not leave cores idle

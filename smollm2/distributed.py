@@ -1,4 +1,5 @@
-"""The process group and this rank's device (NCCL on CUDA, gloo on CPU), and the startup checks of where ranks run.
+"""The process group and this rank's device (NCCL on CUDA, gloo on CPU); how ranks agree (rank 0 decides, every rank
+raises the same error); the startup checks of where ranks run.
 
 `python -m smollm2.train` alone runs as a one-rank process group, so the rest of the code never branches on
 "distributed or not". How the model is sharded lives in smollm2/parallelize.py.
@@ -14,14 +15,18 @@ import socket
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from smollm2.config import Device
-from smollm2.errors import ConfigError, UserError
+from smollm2.errors import ConfigError, UserError, one_line
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -34,12 +39,6 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def device_index(local_rank: int, device_count: int) -> int:
@@ -57,11 +56,10 @@ def init_distributed(device_pref: Device | str = Device.auto, timeout_minutes: f
     """Join (or, for a plain `python -m`, create) the process group and pick this rank's device. `timeout_minutes`
     (train.dist_timeout_min) bounds joining the group and every collective after it: a rank left waiting for another
     fails with an error naming the operation instead of hanging."""
-    if "RANK" not in os.environ:  # not under torchrun/srun: a process group of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    # Not under torchrun / srun: a process group of one, on an in-process store (nothing to listen on, no environment set).
+    alone = "RANK" not in os.environ
+    rank, world_size = (0, 1) if alone else (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    local_rank = 0 if alone else int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = device_pref == Device.cuda or (device_pref == Device.auto and torch.cuda.is_available())
     if use_cuda:
         if not torch.cuda.is_available():
@@ -74,7 +72,9 @@ def init_distributed(device_pref: Device | str = Device.auto, timeout_minutes: f
         backend = "gloo"
     if not dist.is_initialized():
         timeout = datetime.timedelta(minutes=timeout_minutes)
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and world_size > 1:
+        if alone:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and world_size > 1:
             store = attempt_store(rank, timeout)
             dist.init_process_group(backend=backend, store=store.prefixed, rank=rank, world_size=world_size,
                                     timeout=timeout)
@@ -152,6 +152,103 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+# ---------------------------------------------------------------------------------------------- how ranks agree
+# Whatever depends on what a shared directory holds (which checkpoint to resume from, whether a step is saved) is decided
+# by rank 0 and broadcast: on a cluster the listings of one directory can differ between nodes for a while (NFS caches
+# them). And an error any rank meets must reach every rank as the same one-line error: a rank that raised alone would
+# leave the others waiting in their next collective until the timeout. These helpers are the one way to do both; without
+# a process group (one process, e.g. generate) they just run the function.
+
+
+def _world(group=None) -> tuple[int, int]:
+    """(this rank, the group's size); (0, 1) without a process group."""
+    return (dist.get_rank(group), dist.get_world_size(group)) if dist.is_initialized() else (0, 1)
+
+
+def barrier(group=None) -> None:
+    if dist.is_initialized():
+        dist.barrier(group=group)
+
+
+def _shareable(err: Exception) -> tuple[type | None, str]:
+    """(a UserError's class, its message), or (None, "Type: first line") for any other error (a bug)."""
+    return (type(err), str(err)) if isinstance(err, UserError) else (None, one_line(err))
+
+
+def _raise_shared(kind: type | None, message: str, rank: int, own: Exception | None) -> None:
+    """The agreed error on this rank: a UserError as its class and message (so every rank's reads the same); any other as
+    a RuntimeError naming the rank it happened on, caused by this rank's own exception where it had one."""
+    if kind is not None:
+        raise kind(message) from own
+    raise RuntimeError(f"rank {rank}: {message}") from own
+
+
+def rank0_decides(decide: Callable[[], T], group=None) -> T:
+    """Collective: rank 0 runs `decide`; every rank returns its result, or raises its error (see `_raise_shared`; rank 0
+    re-raises its own exception, traceback included)."""
+    rank, world = _world(group)
+    result, failure, shared = None, None, (None, None)
+    if rank == 0:
+        try:
+            result = decide()
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
+            failure, shared = err, _shareable(err)
+    if world > 1:
+        box = [result, shared]
+        dist.broadcast_object_list(box, src=0, group=group)
+        result, shared = box
+    kind, message = shared
+    if message is None:
+        return result  # type: ignore[return-value]
+    barrier(group)  # every rank has the message before any of them raises (and tears the group down)
+    if failure is not None:
+        raise failure
+    _raise_shared(kind, message, 0, None)
+    raise AssertionError("unreachable")
+
+
+def every_rank(work: Callable[[], T], cleanup: Callable[[], None] | None = None, group=None) -> list[T]:
+    """Collective: every rank runs `work`; returns the results by rank. If it failed on any rank, rank 0 runs `cleanup`
+    (every rank is past `work` by then) and every rank raises the lowest failing rank's error (see `_raise_shared`)."""
+    rank, world = _world(group)
+    result, failure, shared = None, None, (None, None)
+    try:
+        result = work()
+    except Exception as err:  # noqa: BLE001 - shared below, then raised on every rank
+        failure, shared = err, _shareable(err)
+    outcomes: list[Any] = [(result, shared)]
+    if world > 1:
+        outcomes = [None] * world
+        dist.all_gather_object(outcomes, (result, shared), group=group)
+    failed = [(r, kind, message) for r, (_, (kind, message)) in enumerate(outcomes) if message is not None]
+    if not failed:
+        return [value for value, _ in outcomes]
+    if cleanup is not None and rank == 0:
+        cleanup()
+    barrier(group)
+    first, kind, message = failed[0]
+    _raise_shared(kind, message, first, failure)
+    raise AssertionError("unreachable")
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Collective: whether `flag` is true on any rank (one small all-reduce on the device)."""
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """Collective, in place: `tensor` averaged over every rank. NCCL averages in the all-reduce; gloo has no AVG, so it
+    sums and divides."""
+    if tensor.device.type == "cuda":
+        dist.all_reduce(tensor, op=dist.ReduceOp.AVG)
+    else:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
 # --------------------------------------------------------------------------------------------------- startup checks
 
 
@@ -196,9 +293,7 @@ def format_placement(places: list[dict]) -> list[str]:
 
 def describe_ranks(env: DistEnv) -> list[str]:
     """Every rank's placement as lines of a table (the same lines on every rank). Collective: all ranks call it."""
-    places: list = [None] * env.world_size
-    dist.all_gather_object(places, rank_placement(env))
-    return format_placement(places)
+    return format_placement(every_rank(lambda: rank_placement(env)))
 
 
 def _rank_list(ranks: list[int]) -> str:
@@ -238,9 +333,8 @@ def check_shared_dir(path: str | os.PathLike, env: DistEnv, *, wait_s: float = 5
     """Stop every rank with the same one-line error unless `path` (train.run_dir) is one directory that all ranks see.
 
     Every rank writes its checkpoint shards there and rank 0 commits them, so a node-local run_dir would fail only at the
-    first checkpoint, possibly hours in. Rank 0 writes a file with a random name and content; after a broadcast (the
-    barrier) every rank reads it; the results are all-gathered so all ranks raise the same error. Collective: all ranks
-    call it; rank 0 creates `path` first (inside the check, so a failure there reaches every rank, not just rank 0)."""
+    first checkpoint, possibly hours in. Rank 0 creates the directory and writes a file with a random name and content
+    there; every rank then looks for it in the directory *it* was given. Collective: all ranks call it."""
     path = Path(path)
     if env.world_size == 1:
         try:
@@ -248,34 +342,27 @@ def check_shared_dir(path: str | os.PathLike, env: DistEnv, *, wait_s: float = 5
         except OSError as err:
             raise UserError(f"cannot create train.run_dir {path}: {err}") from None
         return
-    token = secrets.token_hex(16) if env.is_main else None
-    token_file = path / f".rank0-token-{token}"
-    failure = None
-    if env.is_main:
+
+    def publish() -> tuple[str, str]:  # rank 0; its path too: the message must read the same on every rank
+        token = secrets.token_hex(16)
         try:
             path.mkdir(parents=True, exist_ok=True)
-            token_file.write_text(token)
+            (path / f".rank0-token-{token}").write_text(token)
         except OSError as err:
-            failure = f"rank 0 cannot write to train.run_dir {path}: {err}"
-    # rank 0's choice (and its path: the message must read the same on every rank) reaches all ranks after the write
-    shared = [token, str(path), failure]
-    dist.broadcast_object_list(shared, src=0)
-    token, shown_path, failure = shared
-    if failure is None:
-        # each rank looks in the directory *it* was given: the same file if the directory is shared
-        seen = env.is_main or _sees(path / f".rank0-token-{token}", token, wait_s)
-        results: list = [None] * env.world_size
-        dist.all_gather_object(results, (env.rank, socket.gethostname(), seen))
-        if env.is_main:  # every rank has looked: the all-gather returned
-            with contextlib.suppress(OSError):
-                token_file.unlink()
-        blind: dict[str, list[int]] = defaultdict(list)
-        for rank, host, ok in sorted(results):
-            if not ok:
-                blind[host].append(rank)
-        if blind:
-            where = ", ".join(f"{_rank_list(ranks)} on host {host}" for host, ranks in blind.items())
-            failure = (f"train.run_dir {shown_path} is not shared by all ranks: rank(s) {where} cannot see rank 0's files; "
-                       "put it on a filesystem every node mounts")
-    if failure is not None:
-        raise UserError(failure)
+            raise UserError(f"rank 0 cannot write to train.run_dir {path}: {err}") from None
+        return token, str(path)
+
+    token, shown_path = rank0_decides(publish)
+    token_file = path / f".rank0-token-{token}"
+    results = every_rank(lambda: (env.rank, socket.gethostname(), env.is_main or _sees(token_file, token, wait_s)))
+    if env.is_main:  # every rank has looked: the gather returned
+        with contextlib.suppress(OSError):
+            token_file.unlink()
+    blind: dict[str, list[int]] = defaultdict(list)
+    for rank, host, ok in sorted(results):
+        if not ok:
+            blind[host].append(rank)
+    if blind:
+        where = ", ".join(f"{_rank_list(ranks)} on host {host}" for host, ranks in blind.items())
+        raise UserError(f"train.run_dir {shown_path} is not shared by all ranks: rank(s) {where} cannot see rank 0's "
+                        "files; put it on a filesystem every node mounts")

@@ -42,6 +42,16 @@ class CheckpointError(UserError):
     pass
 
 
+class TrainingDiverged(UserError):
+    """The loss, the gradient norm or the weights became NaN or infinite: the run stops without checkpointing them."""
+
+
+def one_line(err: BaseException) -> str:
+    """`Type: first line of the message` (at most 300 characters): an error as one line of a log or of another error."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:300] if lines else 'no message'}"
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run `main(argv)`; a UserError becomes `error: <message>` on stderr, once (rank 0's; see UserError), and exit
     status 2 on every rank. Under torchrun the rank logs (`<run_dir>/logs/`) and torchrun's failure summary hold the

@@ -1,17 +1,21 @@
-"""File helpers shared by the whole project: the one atomic JSON writer, the one file hash, the one JSONL reader.
+"""File helpers shared by the whole project: durable writes, the one atomic JSON writer, the one file hash, the one JSONL
+reader.
 
 `atomic_write_json` writes `<name>.tmp` next to the target, fsyncs it and renames it over the target, so a reader (or
-a crash) sees the old file or the new one, never a partial one. `sha256_file` hashes a file in 1 MiB blocks, so a shard
-of any size is never read whole into memory. Nothing here imports the rest of smollm2.
+a crash) sees the old file or the new one, never a partial one. `write_synced` and `fsync_dir` make a new file and then
+its name durable (what a checkpoint's commit needs before its rename). `sha256_file` hashes a file in 1 MiB blocks, so a
+shard of any size is never read whole into memory. Nothing here imports the rest of smollm2.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 _HASH_BLOCK = 1 << 20
 
@@ -44,7 +48,24 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["atomic_write_json", "sha256_file"]
+def write_synced(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Create `path` with `write(file)`, then fsync it: on disk before the directory that holds it is committed."""
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the directory's entries durable (files created or renamed in it): fsyncing a file does not cover its name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP):  # filesystems that cannot fsync a directory say so
+            raise
+    finally:
+        os.close(fd)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

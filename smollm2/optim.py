@@ -39,10 +39,9 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     for param in model.parameters():  # the tied table appears once
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)  # biases and norms: no decay
-    # None: auto = fused on CUDA; elsewhere torch's single-tensor loop, bitwise the foreach update and faster on CPU,
-    # where foreach ops are per-tensor loops too (host proxy: 8.1 vs 9.5 ms per step; seed model: 429 vs 457 ms;
-    # bench/NOTES.md v4). Fused on CPU is faster still (2.5 and 76 ms) but not bitwise the others, and the bf16 CPU runs
-    # of tests/test_train_numerics.py sit at their tolerance with it; so it is opt-in on CPU (`optim.fused=true`).
+    # None: auto = fused on CUDA; elsewhere torch's single-tensor loop, bitwise the foreach update and faster on CPU.
+    # Fused on CPU is faster still but not bitwise the others (the bf16 CPU runs of tests/test_train_numerics.py sit at
+    # their tolerance with it), so it is opt-in there (`optim.fused=true`). (docs/performance.md, "AdamW on CPU")
     fused = device.type == "cuda" if cfg.fused is None else cfg.fused
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
@@ -60,6 +59,7 @@ class LRSchedule:
 
     def __init__(self, cfg: OptimConfig):
         self.cfg = cfg
+        self.changed: list[str] = []  # settings that differ from the checkpoint this run resumed from
 
     def lr_at(self, step: int) -> float:
         c = self.cfg
@@ -89,7 +89,12 @@ class LRSchedule:
         return {"schedule": str(c.schedule), "lr": c.lr, "warmup_steps": c.warmup_steps, "decay_steps": c.decay_steps,
                 "min_lr_ratio": c.min_lr_ratio, "wsd_decay_fraction": c.wsd_decay_fraction}
 
+    def load_state_dict(self, saved: dict) -> None:
+        """A checkpoint's settings do not replace this run's (the config decides the curve); what differs is kept in
+        `changed` for the run to warn about: resuming under other settings makes the curve jump."""
+        self.changed = self.changes_from(saved)
+
     def changes_from(self, saved: dict) -> list[str]:
-        """Which schedule settings differ from a checkpoint's (resuming then changes the curve: worth a warning)."""
+        """Which schedule settings differ from a checkpoint's."""
         now = self.state_dict()
         return [f"optim.{k}: {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]

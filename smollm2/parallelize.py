@@ -3,8 +3,8 @@ materialize -> initialize. The model file knows none of this; here is every deci
 
 One code path for every world size: a single process is a one-rank group, so checkpointing and resuming never branch on
 "distributed or not". The exception is FSDP2's own host work: at world size 1 with `train.fsdp_wrap=auto` the model is
-not wrapped (a shard would be the whole tensor, and FSDP2's per-parameter copy-in, copy-out and gradient bookkeeping cost
-~1/3 of the CPU host proxy's step, bench/NOTES.md v3); bf16 is then the same parameter cast FSDP2 makes
+not wrapped (a shard would be the whole tensor, and FSDP2's per-parameter copy-in, copy-out and gradient bookkeeping are
+host work: docs/performance.md, "FSDP2 at world size 1"); bf16 is then the same parameter cast FSDP2 makes
 (`_bf16_params_forward`), bitwise. DCP checkpoints hold the same global tensors either way and reshard as before.
 """
 
@@ -134,8 +134,8 @@ def build_model(cfg: Config, env: DistEnv, *, init_seed: int | None = None) -> S
         units = FsdpWrap.root  # FSDP2 would accumulate un-synced gradients in bf16: keep its numerics
     # What is compiled follows the FSDP units: per-block units compile per block (FSDP2's hooks run between them); one
     # root unit or none compiles the model's forward as one graph (FSDP2's hooks and the bf16 parameter cast stay outside
-    # it; the loss chunk is traced into it, not compiled on its own). At world size 1 that is one graph where 12 cost
-    # ~9% more host time on the CPU proxy (bench/NOTES.md v4).
+    # it; the loss chunk is traced into it, not compiled on its own). At world size 1 that is one graph where 12 cost more
+    # host time (docs/performance.md, "One compiled graph or one per block").
     per_block = compiled and units == FsdpWrap.block
     with torch.device("meta"):  # the recompute runs inside each block's forward, so a compiled block traces it
         model = SmolLM(cfg.model, recompute=recompute_fn(cfg.train.activation_checkpointing), compiled_loss=per_block)

@@ -55,6 +55,17 @@ def clip_grad_norm(parameters, max_norm: float | None) -> torch.Tensor:
     return total
 
 
+@torch.no_grad()
+def weights_finite(parameters) -> bool:
+    """Collective: whether every parameter, on every rank (each its local shards), holds only finite values."""
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in parameters]
+    checks = [torch.isfinite(t).all() for t in local if t.numel()]
+    finite = (torch.stack(checks).all() if checks else torch.ones((), dtype=torch.bool)).float()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def train_step(model, optimizer: torch.optim.Optimizer, micro_batches, accum: int, grad_clip: float | None,
                loss_sum: torch.Tensor | None = None, inspect_grads=None) -> tuple[torch.Tensor, torch.Tensor]:
     """grad_accum micro-steps (gradients reduce-scatter only on the last one), clipping, the optimizer step.

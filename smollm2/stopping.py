@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from smollm2.distributed import DistEnv
+from smollm2.distributed import DistEnv, any_rank
 from smollm2.errors import STOP_MARKER
 
 
@@ -27,9 +27,8 @@ class StopRequest:
         self.requested = True
 
     def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        """Collective: whether any rank was asked to stop (then every rank stops at the same step)."""
+        return any_rank(self.requested, device)
 
 
 def mark_stopped(run_dir: Path, env: DistEnv, step: int) -> None:

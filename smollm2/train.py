@@ -3,8 +3,10 @@
     torchrun --nproc_per_node=8 -m smollm2.train --config configs/smollm2_135.yaml [key=value ...]
     python -m smollm2.train --config configs/tiny.yaml --resume latest train.max_steps=5050
 
-One global step = grad_accum micro-steps on every rank (gradients sync on the last one), clipping, AdamW, the LR of the
-schedule. Logging, eval, samples and checkpoints fire on their configured steps; there is no host sync on other steps.
+`Run` is built once: data, model, optimizer, schedule, checkpointer and sinks, resumed from a checkpoint if asked.
+`train` is the loop: one global step = grad_accum micro-steps on every rank (gradients sync on the last one), clipping,
+AdamW at the schedule's LR; then, on their configured steps, the log line (and a stop request), eval, samples and the
+checkpoint. Other steps make no host sync.
 """
 
 from __future__ import annotations
@@ -17,19 +19,28 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from smollm2.checkpoint import Checkpointer
+from smollm2.checkpoint import Checkpointer, ModelAndOptimizer
 from smollm2.config import Config, load_config, to_dict, to_yaml
 from smollm2.data import Dataset, TrainLoader, ValWindows
-from smollm2.distributed import DistEnv, check_shared_dir, describe_ranks, init_distributed, shutdown
-from smollm2.errors import STOP_EXIT_CODE, STOP_MARKER, UserError
-from smollm2.generate import generate
-from smollm2.gradflow import GradientFlow
-from smollm2.metrics import (
+from smollm2.data.tokenizer import get_tokenizer
+from smollm2.distributed import (
+    DistEnv,
+    check_shared_dir,
+    describe_ranks,
+    init_distributed,
+    mean_over_ranks,
+    rank0_decides,
+    shutdown,
+)
+from smollm2.errors import STOP_EXIT_CODE, STOP_MARKER, TrainingDiverged
+from smollm2.observe.gradflow import GradientFlow
+from smollm2.observe.metrics import (
     ConsoleSink,
     JsonlSink,
     Metrics,
@@ -39,25 +50,39 @@ from smollm2.metrics import (
     peak_memory_gib,
     resources,
 )
+from smollm2.observe.ranklog import RankLog, fault_hook
+from smollm2.observe.tracking import make_wandb_sink, watching
 from smollm2.optim import LRSchedule, build_optimizer
 from smollm2.parallelize import build_model
-from smollm2.ranklog import RankLog, fault_hook
-from smollm2.step import train_step
+from smollm2.serve.generate import generate
+from smollm2.step import train_step, weights_finite
 from smollm2.stopping import StopRequest, mark_stopped
-from smollm2.tokenizer import get_tokenizer
-from smollm2.tracking import make_wandb_sink, watching
-
-
-class TrainingDiverged(UserError):
-    pass
 
 
 @dataclass
 class TrainState:
+    """The loop's own progress: the top level of every checkpoint's train_state.json."""
+
     step: int = 0  # completed optimizer steps
     tokens_seen: int = 0
-    logger_run_id: str | None = None
-    stopped_by_signal: bool = False  # this process's run ended on a stop request (not saved in checkpoints)
+    logger_run_id: str | None = None  # the WandB run this one continues
+    stopped_by_signal: bool = False  # this process's run ended on a stop request (not saved)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "logger_run_id": self.logger_run_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.logger_run_id = state.get("logger_run_id")
+
+
+@dataclass
+class LogWindow:
+    """What the loop accumulates between two log lines."""
+
+    loss_sum: torch.Tensor  # the detached losses, on the device (summed without a host sync)
+    steps: int = 0
+    data_wait: float = 0.0  # seconds spent waiting for batches
 
 
 def _value(tensor) -> float:
@@ -65,13 +90,215 @@ def _value(tensor) -> float:
     return float(tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor)
 
 
-def _log(env: DistEnv, message: str) -> None:
-    if env.is_main:
-        print(message, flush=True)
+def _due(interval: int, step: int, last: bool) -> bool:
+    """A cadence: every `interval` steps (0: never), and at the run's last step."""
+    return bool(interval) and (step % interval == 0 or last)
+
+
+class Run:
+    """Everything one training run is made of, built once from the config; the loop (`train`) only uses it."""
+
+    def __init__(self, cfg: Config, env: DistEnv, stop: StopRequest):
+        self.cfg, self.env, self.stop = cfg, env, stop
+        self.run_dir = Path(cfg.train.run_dir)
+        check_shared_dir(self.run_dir, env)  # creates it; a node-local run_dir would fail only at the first checkpoint
+        if env.is_main:
+            (self.run_dir / STOP_MARKER).unlink(missing_ok=True)  # a marker describes the run that wrote it, not this one
+        torch.manual_seed(cfg.train.seed + env.rank)
+        data, train = cfg.data, cfg.train
+        dataset = Dataset.open(data.path, cfg.model.vocab_size)
+        self.loader = TrainLoader(dataset, data.seq_len, data.micro_batch, train.grad_accum, env.rank, env.world_size,
+                                  data.seed, device=env.device, prefetch=data.prefetch)
+        self.val = ValWindows(dataset, data.seq_len, cfg.eval.windows) if cfg.eval.interval else None
+        self.model = build_model(cfg, env)
+        self.optimizer = build_optimizer(self.model, cfg.optim, env.device)
+        self.schedule = LRSchedule(cfg.optim)
+        self.state = TrainState()
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank, env.world_size,
+                                         keep_every=cfg.checkpoint.keep_every, async_save=cfg.checkpoint.async_save)
+        self.tokens_per_step = data.micro_batch * train.grad_accum * env.world_size * data.seq_len
+        self.in_flight: list[dict] = []  # the background save's event, logged once it is committed
+        resumed_from = self._resume()
+        if env.is_main:  # only now: a refused start (bad data, another model shape) leaves the run's config as it was
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        self._open_sinks(resumed_from)
+        self._announce()
+
+    def parts(self) -> dict[str, Any]:
+        """What a checkpoint holds (see smollm2/checkpoint/manager.py)."""
+        return {"model": ModelAndOptimizer(self.model, self.optimizer), "train": self.state, "loader": self.loader,
+                "schedule": self.schedule}
+
+    def say(self, message: str) -> None:
+        if self.env.is_main:
+            print(message, flush=True)
+
+    # ------------------------------------------------------------------------------------------------------ setup
+
+    def _resume(self) -> Path | None:
+        """Rank 0 picks (and checks) the checkpoint, every rank follows: a stale directory cache on one node must not
+        make ranks resume from different checkpoints. Without --resume, a run_dir that holds checkpoints is an error."""
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        if self.env.local_rank == 0 and restart > 0:  # counted by the node whose rank died
+            print(f"rank {self.env.rank}: torchrun restart {restart} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}"
+                  ": continuing from the newest complete checkpoint", flush=True)
+        path = self.checkpointer.choose(self.cfg.train.resume)
+        if path is None:
+            if self.cfg.train.resume:
+                self.say(f"resume=latest: no complete checkpoint in {self.run_dir / 'checkpoints'} yet; starting from "
+                         "step 0")
+            return None
+        self.checkpointer.load(path, self.parts(), self.cfg, verified=True)  # choose() checked its files
+        for change in self.schedule.changed:
+            self.say(f"warning: the LR schedule differs from the checkpoint's ({change}): the curve will jump")
+        self.say(f"resumed from {path} at step {self.state.step} (world size {self.env.world_size})")
+        return path
+
+    def _open_sinks(self, resumed_from: Path | None) -> None:
+        """Rank 0's sinks (console, JSONL, WandB); the others log nothing. The gradient flow's histograms are collective,
+        so every rank learns from rank 0 what WandB watches."""
+        cfg, env, state = self.cfg, self.env, self.state
+        sinks: list = []
+        wandb_sink = None
+        if env.is_main:
+            sinks = [ConsoleSink(), JsonlSink(self.run_dir)]
+            wandb_sink = make_wandb_sink(cfg.logging.wandb, self.run_dir, state.logger_run_id, to_dict(cfg))
+            if wandb_sink is not None:
+                state.logger_run_id = wandb_sink.run_id
+                sinks.append(wandb_sink)
+        self.metrics = Metrics(sinks)
+        if resumed_from is not None:  # a resume (phase 2, a requeue, a crash rerun): marked in events.jsonl and in WandB
+            self.metrics.log("event", {"event": "restart", "step": state.step, "from_checkpoint": resumed_from.name,
+                                       "time": time.time()})
+        self.flow = GradientFlow(rank0_decides(lambda: watching(wandb_sink)), cfg.logging.wandb.histogram_interval)
+        m, seq_len = cfg.model, cfg.data.seq_len
+        self.throughput = Throughput(self.tokens_per_step,
+                                     flops_per_token(self.model.num_params(), m.n_layer, m.n_head, m.d_model // m.n_head,
+                                                     seq_len),
+                                     device_peak_tflops(env.device, cfg.logging.peak_tflops), env.world_size)
+
+    def _announce(self) -> None:
+        cfg, env = self.cfg, self.env
+        micro, accum, seq_len = cfg.data.micro_batch, cfg.train.grad_accum, cfg.data.seq_len
+        self.say(f"model {self.model.num_params():,} parameters | world size {env.world_size} on {env.device.type} | "
+                 f"{self.tokens_per_step:,} tokens/step ({micro} x {accum} x {env.world_size} windows of {seq_len}) | "
+                 f"dtype {cfg.train.dtype} | activation checkpointing {cfg.train.activation_checkpointing}")
+        for line in describe_ranks(env):  # where each rank runs: host, device, GPU (collective)
+            self.say(line)
+        if self.state.step >= cfg.train.max_steps:
+            self.say(f"already at step {self.state.step} >= train.max_steps={cfg.train.max_steps}: nothing to do")
+
+    # ------------------------------------------------------------------------------------------- what steps do
+
+    def log_train(self, window: LogWindow, grad_norm: torch.Tensor, lr: float) -> None:
+        """The log line (collective: the loss is averaged over the ranks); stops the run on a non-finite loss."""
+        step, max_steps = self.state.step, self.cfg.train.max_steps
+        loss = mean_over_ranks(window.loss_sum).item() / window.steps
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {loss} by step {step}; stopping without saving. The last good checkpoint is kept in "
+                f"{self.run_dir / 'checkpoints'} (lower optim.lr or check the data, then --resume latest)")
+        speed = self.throughput.measure(max_steps - step)
+        group_norms, histograms = self.flow.take()
+        self.metrics.log("train", {"step": step, "max_steps": max_steps, "loss": loss, "lr": lr,
+                                   "grad_norm": _value(grad_norm), "tokens_seen": self.state.tokens_seen,
+                                   "peak_mem_gib": peak_memory_gib(self.env.device), **speed,
+                                   "data_wait_ms": 1000 * window.data_wait / window.steps, **resources(self.env.device),
+                                   **{f"grad_norm/{g}": v for g, v in group_norms.items()}, "time": time.time()})
+        for what, groups in histograms.items():
+            self.metrics.log("histogram", {"step": step, "what": what, "groups": groups})
+        window.loss_sum.zero_()
+        window.steps, window.data_wait = 0, 0.0
+
+    def save(self, grad_norm: torch.Tensor) -> None:
+        """A checkpoint of this step; never of a diverged state (the good ones before it are kept)."""
+        step = self.state.step
+        norm = _value(grad_norm)
+        if not math.isfinite(norm) or not weights_finite(self.model.parameters()):
+            what = f"gradient norm is {norm}" if not math.isfinite(norm) else "the weights hold NaN or infinite values"
+            raise TrainingDiverged(f"{what} at step {step}; not checkpointing. The last good checkpoint is kept in "
+                                   f"{self.run_dir / 'checkpoints'}")
+        self.committed()
+        start = time.perf_counter()
+        final = step >= self.cfg.train.max_steps  # the run's last checkpoint: kept forever, never rotated by keep_last
+        path = self.checkpointer.save(step, self.parts(), self.cfg, final=final)
+        stall = time.perf_counter() - start  # what training waited for: the whole save, or (async) the host copy
+        self.say(f"checkpoint {path} ({stall:.1f}s{'; writing in the background' if self.checkpointer.async_save else ''})")
+        self.in_flight.append({"event": "checkpoint", "step": step, "path": str(path), "final": final,
+                               "stall_s": round(stall, 4)})
+        if not self.checkpointer.async_save:
+            self.committed()
+
+    def committed(self) -> None:
+        """Collective: wait for the background save (if any), then record the saves that are committed."""
+        self.checkpointer.wait()
+        for event in self.in_flight:
+            self.metrics.log("event", {**event, "time": time.time()})
+        self.in_flight.clear()
+
+    def stopped(self) -> None:
+        """End the run on a stop request: its save committed, the marker left for the launch scripts."""
+        self.committed()
+        mark_stopped(self.run_dir, self.env, self.state.step)
+        self.state.stopped_by_signal = True
+
+    def close(self) -> None:
+        self.loader.close()
+        self.metrics.close()
+
+
+def train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainState:
+    run = Run(cfg, env, stop or StopRequest())
+    try:
+        _loop(run)
+    finally:
+        run.close()
+    return run.state
+
+
+def _loop(run: Run) -> None:
+    cfg, env, state = run.cfg, run.env, run.state
+    if run.stop.agreed(env.device):  # a signal during setup: nothing trained since the last checkpoint, nothing to save
+        run.say(f"stop requested (signal) before the first step: exiting at step {state.step} without a checkpoint")
+        run.stopped()
+        return
+    window = LogWindow(loss_sum=torch.zeros((), device=env.device))
+    grad_norm = torch.zeros((), device=env.device)
+    while state.step < cfg.train.max_steps:
+        # one optimizer step
+        step, last = state.step + 1, state.step + 1 == cfg.train.max_steps
+        log_step = step % cfg.logging.interval == 0 or last
+        lr = run.schedule.apply(run.optimizer, state.step)
+        wait_start = time.perf_counter()
+        fault_hook(step, env.rank)
+        batch = run.loader.next_step()  # the time spent here is the input pipeline's (an input-bound run shows it)
+        window.data_wait += time.perf_counter() - wait_start
+        _, grad_norm = train_step(run.model, run.optimizer, batch, cfg.train.grad_accum, cfg.optim.grad_clip,
+                                  loss_sum=window.loss_sum, inspect_grads=run.flow.hook(log_step))
+        state.step, state.tokens_seen = step, state.tokens_seen + run.tokens_per_step
+        window.steps += 1
+        run.throughput.step()
+        # the log line, and there a stop request: every rank checkpoints this step and exits
+        if log_step:
+            run.log_train(window, grad_norm, lr)
+            if run.stop.agreed(env.device):
+                run.say(f"stop requested (signal): checkpointing at step {step} and exiting")
+                run.save(grad_norm)
+                run.stopped()
+                return
+        # eval, samples, checkpoint: not counted as training time
+        with run.throughput.paused():
+            if run.val is not None and _due(cfg.eval.interval, step, last):
+                run.metrics.log("eval", {"step": step, **validation_loss(run.model, run.val, cfg, env)})
+            if _due(cfg.sample.interval, step, last):
+                write_samples(run.model, cfg, env, step, run.metrics)
+            if _due(cfg.checkpoint.interval, step, last) or last:
+                run.save(grad_norm)
+    run.committed()  # the run's last save is committed before it ends
 
 
 @torch.no_grad()
-def evaluate(model, val: ValWindows, cfg: Config, env: DistEnv) -> dict:
+def validation_loss(model, val: ValWindows, cfg: Config, env: DistEnv) -> dict:
     """Mean loss over the fixed val windows. Every rank runs the same number of forwards (FSDP's all-gathers are
     collective); a rank with fewer windows repeats its last one with weight 0."""
     model.eval()
@@ -99,190 +326,15 @@ def evaluate(model, val: ValWindows, cfg: Config, env: DistEnv) -> dict:
 
 
 def write_samples(model, cfg: Config, env: DistEnv, step: int, metrics: Metrics) -> None:
-    # Decoding feeds the blocks one new token at a time against a growing KV cache: every shape is new, so compiled
-    # blocks would recompile per token. Sampling is a small cost; run it eagerly.
-    with torch.compiler.set_stance("force_eager"):
-        _write_samples(model, cfg, env, step, metrics)
-
-
-def _write_samples(model, cfg: Config, env: DistEnv, step: int, metrics: Metrics) -> None:
+    """One sample per prompt of sample.prompts (prompt i with seed + i: samples differ, and repeat across evals). Decoding
+    feeds the blocks one new token at a time against a growing KV cache: every shape is new, so compiled blocks would
+    recompile per token. Sampling is a small cost; it runs eagerly."""
     tok = get_tokenizer()
-    for i, prompt in enumerate(cfg.sample.prompts):  # one seed per prompt: samples differ, and repeat across evals
-        settings = dataclasses.replace(cfg.generate, seed=cfg.generate.seed + i)
-        ids = generate(model, tok.encode(prompt), settings, device=env.device)
-        metrics.log("sample", {"step": step, "prompt": prompt, "text": tok.decode(ids), "tokens": len(ids)})
-
-
-def _agree(env: DistEnv, watch: list[str]) -> list[bool]:
-    """Rank 0's [histogram gradients?, histogram parameters?] on every rank."""
-    flags = torch.tensor([float("grad" in watch), float("param" in watch)], device=env.device)
-    dist.broadcast(flags, src=0)
-    return [bool(f) for f in flags.tolist()]
-
-
-def train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainState:
-    run_dir = Path(cfg.train.run_dir)
-    check_shared_dir(run_dir, env)  # creates it; a node-local run_dir would fail only at the first checkpoint
-    if env.is_main:
-        (run_dir / STOP_MARKER).unlink(missing_ok=True)  # a marker describes the run that wrote it, not this one
-    torch.manual_seed(cfg.train.seed + env.rank)
-
-    dataset = Dataset.open(cfg.data.path, cfg.model.vocab_size)
-    micro, accum, seq_len = cfg.data.micro_batch, cfg.train.grad_accum, cfg.data.seq_len
-    loader = TrainLoader(dataset, seq_len, micro, accum, env.rank, env.world_size, cfg.data.seed,
-                         device=env.device, prefetch=cfg.data.prefetch)
-    val = ValWindows(dataset, seq_len, cfg.eval.windows) if cfg.eval.interval else None
-
-    model = build_model(cfg, env)
-    optimizer = build_optimizer(model, cfg.optim, env.device)
-    schedule = LRSchedule(cfg.optim)
-    state = TrainState()
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, env.rank, env.world_size,
-                                keep_every=cfg.checkpoint.keep_every, async_save=cfg.checkpoint.async_save)
-
-    # Rank 0 picks (and checks) the checkpoint, every rank follows: a stale directory cache on one node must not make
-    # ranks resume from different checkpoints. Without --resume, a run_dir that holds checkpoints is an error.
-    if env.local_rank == 0 and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:  # counted by the node whose
-        print(f"rank {env.rank}: torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']} of "  # rank died
-              f"{os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}: continuing from the newest complete checkpoint",
-              flush=True)
-    path = checkpointer.choose(cfg.train.resume)
-    if cfg.train.resume:
-        if path is None:
-            _log(env, f"resume=latest: no complete checkpoint in {run_dir / 'checkpoints'} yet; starting from step 0")
-        else:
-            saved = checkpointer.load(path, model, optimizer, cfg, verified=True)  # choose() checked its files
-            state = TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"],
-                               logger_run_id=saved.get("logger_run_id"))
-            loader.load_state_dict(saved["loader"])
-            for change in schedule.changes_from(saved.get("schedule", {})):
-                _log(env, f"warning: the LR schedule differs from the checkpoint's ({change}): the curve will jump")
-            _log(env, f"resumed from {path} at step {state.step} (world size {env.world_size})")
-    if env.is_main:  # only now: a refused start (bad data, another model shape) leaves the run's config as it was
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-
-    n_params = model.num_params()
-    tokens_per_step = micro * accum * env.world_size * seq_len
-    throughput = Throughput(tokens_per_step,
-                            flops_per_token(n_params, cfg.model.n_layer, cfg.model.n_head,
-                                            cfg.model.d_model // cfg.model.n_head, seq_len),
-                            device_peak_tflops(env.device, cfg.logging.peak_tflops), env.world_size)
-    sinks: list = []
-    wandb_sink = None
-    if env.is_main:
-        sinks = [ConsoleSink(), JsonlSink(run_dir)]
-        wandb_sink = make_wandb_sink(cfg.logging.wandb, run_dir, state.logger_run_id, to_dict(cfg))
-        if wandb_sink is not None:
-            state.logger_run_id = wandb_sink.run_id
-            sinks.append(wandb_sink)
-    metrics = Metrics(sinks)
-    if path is not None:  # a resume (phase 2, a requeue, a crash rerun): marked in events.jsonl and in WandB
-        metrics.log("event", {"event": "restart", "step": state.step, "from_checkpoint": path.name, "time": time.time()})
-    # What to histogram is rank 0's (WandB's) business, but the histograms are collective: every rank learns it.
-    watch = [what for what, flag in zip(("grad", "param"), _agree(env, watching(wandb_sink))) if flag]
-    flow = GradientFlow(watch, cfg.logging.wandb.histogram_interval)
-    _log(env, f"model {n_params:,} parameters | world size {env.world_size} on {env.device.type} | "
-              f"{tokens_per_step:,} tokens/step ({micro} x {accum} x {env.world_size} windows of {seq_len}) | "
-              f"dtype {cfg.train.dtype} | activation checkpointing {cfg.train.activation_checkpointing}")
-    for line in describe_ranks(env):  # where each rank runs: host, device, GPU (collective)
-        _log(env, line)
-    if state.step >= cfg.train.max_steps:
-        _log(env, f"already at step {state.step} >= train.max_steps={cfg.train.max_steps}: nothing to do")
-
-    in_flight: list[dict] = []  # the background save's event, logged once it is committed
-
-    def committed() -> None:  # collective: waits for the background save (async), then records it
-        checkpointer.wait()
-        for event in in_flight:
-            metrics.log("event", {**event, "time": time.time()})
-        in_flight.clear()
-
-    def save() -> None:
-        norm = _value(grad_norm)
-        if not math.isfinite(norm):  # never write a diverged state over the good ones
-            raise TrainingDiverged(f"gradient norm is {norm} at step {state.step}; not checkpointing. The last "
-                                   f"good checkpoint is kept in {run_dir / 'checkpoints'}")
-        train_state = {"step": state.step, "tokens_seen": state.tokens_seen, "logger_run_id": state.logger_run_id,
-                       "loader": loader.state_dict(), "schedule": schedule.state_dict()}
-        committed()
-        start = time.perf_counter()
-        final = state.step >= cfg.train.max_steps  # the run's last checkpoint: kept forever, never rotated by keep_last
-        path = checkpointer.save(state.step, model, optimizer, train_state, cfg, final=final)
-        stall = time.perf_counter() - start  # what training waited for: the whole save, or (async) the host copy
-        how = "; writing in the background" if cfg.checkpoint.async_save else ""
-        _log(env, f"checkpoint {path} ({stall:.1f}s{how})")
-        in_flight.append({"event": "checkpoint", "step": state.step, "path": str(path), "final": final,
-                          "stall_s": round(stall, 4)})
-        if not cfg.checkpoint.async_save:
-            committed()
-
-    stop = stop or StopRequest()
-    if stop.agreed(env.device):  # a signal during setup: nothing trained since the last checkpoint, nothing to save
-        _log(env, f"stop requested (signal) before the first step: exiting at step {state.step} without a checkpoint")
-        mark_stopped(run_dir, env, state.step)
-        loader.close()
-        metrics.close()
-        state.stopped_by_signal = True
-        return state
-    loss_sum = torch.zeros((), device=env.device)
-    grad_norm = torch.zeros((), device=env.device)
-    steps_since_log, data_wait = 0, 0.0
-    try:
-        while state.step < cfg.train.max_steps:
-            lr = schedule.apply(optimizer, state.step)
-            log_step = (state.step + 1) % cfg.logging.interval == 0 or state.step + 1 == cfg.train.max_steps
-            wait_start = time.perf_counter()
-            fault_hook(state.step + 1, env.rank)
-            batch = loader.next_step()  # the time spent here is the input pipeline's (an input-bound run shows it)
-            data_wait += time.perf_counter() - wait_start
-            loss_sum, grad_norm = train_step(model, optimizer, batch, accum, cfg.optim.grad_clip, loss_sum=loss_sum,
-                                             inspect_grads=flow.hook(log_step))
-            state.step += 1
-            state.tokens_seen += tokens_per_step
-            steps_since_log += 1
-            throughput.step()
-
-            step = state.step
-            last = step == cfg.train.max_steps
-            if step % cfg.logging.interval == 0 or last:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG if env.device.type == "cuda" else dist.ReduceOp.SUM)
-                if env.device.type != "cuda":  # gloo has no AVG
-                    loss_sum /= env.world_size
-                loss_value = loss_sum.item() / steps_since_log
-                if not math.isfinite(loss_value):
-                    raise TrainingDiverged(
-                        f"loss became {loss_value} by step {step}; stopping without saving. The last good checkpoint "
-                        f"is kept in {run_dir / 'checkpoints'} (lower optim.lr or check the data, then --resume latest)")
-                speed = throughput.measure(cfg.train.max_steps - step)
-                group_norms, histograms = flow.take()
-                metrics.log("train", {"step": step, "max_steps": cfg.train.max_steps, "loss": loss_value, "lr": lr,
-                                      "grad_norm": _value(grad_norm), "tokens_seen": state.tokens_seen,
-                                      "peak_mem_gib": peak_memory_gib(env.device), **speed,
-                                      "data_wait_ms": 1000 * data_wait / steps_since_log, **resources(env.device),
-                                      **{f"grad_norm/{g}": v for g, v in group_norms.items()}, "time": time.time()})
-                for what, groups in histograms.items():
-                    metrics.log("histogram", {"step": step, "what": what, "groups": groups})
-                loss_sum.zero_()
-                steps_since_log, data_wait = 0, 0.0
-                if stop.agreed(env.device):
-                    _log(env, f"stop requested (signal): checkpointing at step {step} and exiting")
-                    save()
-                    committed()
-                    mark_stopped(run_dir, env, step)
-                    state.stopped_by_signal = True
-                    return state
-            with throughput.paused():
-                if val is not None and cfg.eval.interval and (step % cfg.eval.interval == 0 or last):
-                    metrics.log("eval", {"step": step, **evaluate(model, val, cfg, env)})
-                if cfg.sample.interval and (step % cfg.sample.interval == 0 or last):
-                    write_samples(model, cfg, env, step, metrics)
-                if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last:
-                    save()
-        committed()  # the run's last save is committed before it ends
-    finally:
-        loader.close()
-        metrics.close()
-    return state
+    with torch.compiler.set_stance("force_eager"):
+        for i, prompt in enumerate(cfg.sample.prompts):
+            settings = dataclasses.replace(cfg.generate, seed=cfg.generate.seed + i)
+            ids = generate(model, tok.encode(prompt), settings, device=env.device)
+            metrics.log("sample", {"step": step, "prompt": prompt, "text": tok.decode(ids), "tokens": len(ids)})
 
 
 @record  # a failing rank's error (message + traceback) lands in torchrun's failure summary, naming the rank
@@ -312,4 +364,3 @@ if __name__ == "__main__":
     from smollm2.errors import run_cli
 
     run_cli(main, sys.argv[1:])
-

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,11 +15,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from tiny import copy_run, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT_COPY = Path("/tmp/app_screenshot.png")  # a stable path to look at after a run
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 def _need(ok: bool, why: str) -> None:
@@ -32,25 +32,13 @@ def _need(ok: bool, why: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(shakespeare_data, tmp_path_factory) -> dict[str, Path]:
-    """A 4-step tiny run and its `--format space` export, exactly as a user makes them."""
-    pytest.importorskip("gradio")
-    pytest.importorskip("transformers")
-    root = tmp_path_factory.mktemp("space")
-    run, space = root / "run", root / "space"
-    proc = subprocess.run([sys.executable, "-m", "smollm2.train", "--config", "configs/tiny.yaml",
-                           f"data.path={shakespeare_data}", f"train.run_dir={run}", "train.max_steps=4", "data.seq_len=32",
-                           "eval.interval=2", "sample.interval=0", "checkpoint.interval=4"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = subprocess.run([sys.executable, "-m", "smollm2.export", "--checkpoint", str(run), "--out", str(space),
-                           "--format", "space"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"run": run, "space": space}
+def trained(two_rank_run, space_export, tmp_path_factory) -> dict[str, Path]:
+    """A copy of the session's run (the app writes its export into the run directory) and its `--format space` export."""
+    return {"run": copy_run(two_rank_run, tmp_path_factory.mktemp("app") / "run"), "space": space_export}
 
 
 def _space_app(space: Path):
-    """The Space's own app.py (the copy the export wrote, not smollm2.space_app), as a module."""
+    """The Space's own app.py (the copy the export wrote, not smollm2.serve.space_app), as a module."""
     spec = importlib.util.spec_from_file_location("exported_space_app", space / "app.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -100,24 +88,18 @@ def test_checks_capping_and_seeds(trained):
 
 
 def test_app_cli_exports_a_checkpoint_once(trained, capsys):
-    from smollm2.app import hf_folder
     from smollm2.errors import UserError
+    from smollm2.serve.app import hf_folder
 
     run = trained["run"]
     out = hf_folder(str(run))
-    assert out == run / "export" / "hf-step-000004" and (out / "config.json").is_file()
+    assert out == run / "export" / "hf-step-000020" and (out / "config.json").is_file()
     assert "exporting" in capsys.readouterr().out
     assert hf_folder(str(run / "checkpoints" / "latest")) == out and "using the export" in capsys.readouterr().out
     assert hf_folder(str(trained["space"])) == trained["space"] / "model"  # a Space folder serves its model/
     assert hf_folder(str(out)) == out
     with pytest.raises(UserError, match="not found"):
         hf_folder(str(run / "nope"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Records every value the output textarea is given (gradio sets `.value`; a MutationObserver sees no property change):
@@ -137,7 +119,7 @@ def test_the_page_in_a_real_browser(trained, tmp_path):
         _need(False, "no playwright (pip install playwright; it drives the system chromium, no browser download)")
     space = trained["space"]
     info = json.loads((space / "model" / "smollm2_export.json").read_text())
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "app.py", "--model", "model", "--port", str(port)], cwd=space,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"})

@@ -16,7 +16,7 @@ from smollm2.model import SmolLM
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_bench_cli_writes_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "bench.step", "--config", "configs/tiny.yaml", "--cases", "ac=none,ref=1",
@@ -63,9 +63,10 @@ def test_reference_is_the_same_model():
 
 
 def test_host_proxy_is_a_named_case_with_op_counts():
-    """`--proxy host` (issue 13): the seed model's structure with tiny math on CPU; its target reads the median of the
+    """`--proxy host`: the seed model's structure with tiny math on CPU; its target reads the median of the
     interleaved rounds' ratios; `count_ops` profiles one step."""
-    from bench.step import PROXIES, count_ops, evaluate_targets, parse_case
+    from bench.cases import PROXIES, evaluate_targets, parse_case
+    from bench.timing import count_ops
 
     proxy = PROXIES["host"]
     cfg = load_config(ROOT / proxy.config, list(proxy.overrides))
@@ -73,7 +74,7 @@ def test_host_proxy_is_a_named_case_with_op_counts():
     (case,) = [parse_case(spec, cfg) for spec in proxy.cases]
     assert (case.micro_batch, case.seq_len, case.compile, case.reference) == (1, 64, "true", True)
     assert proxy.rounds == 3
-    from bench.step import case_config  # the cpp wrapper lever: the config's setting unless a case names it
+    from bench.cases import case_config  # the cpp wrapper lever: the config's setting unless a case names it
 
     assert case_config(cfg, case).train.cpp_wrapper is None
     lever = parse_case("B=8,T=2048,ac=none,cpp=true", cfg)

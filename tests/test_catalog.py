@@ -1,9 +1,9 @@
-"""The bad-input catalog (README, "When something is wrong"): each input gives one `error:` line on stderr, no
-traceback, exit 2, and changes nothing that already exists (shards, manifest, checkpoints).
+"""The bad-input catalog (docs/errors.md): each input gives one `error:` line on stderr, no traceback, exit 2, and
+changes nothing that already exists (shards, manifest, checkpoints).
 
-Every row runs the real command as a subprocess. To add a row: write its setup (make the bad input, return the command
-and the paths that must not change) and add (name, setup, message) to ROWS; or, for a row that needs a trained run,
-a test that calls `refused(...)` with the run's checkpoints as the paths to keep.
+Every row runs the real command as a subprocess (the rows of ROWS all at once). To add a row: write its setup (make the
+bad input, return the command and the paths that must not change) and add (name, setup, message) to ROWS; or, for a row
+that needs a trained run, a test that calls `refused(...)` with the run's checkpoints as the paths to keep.
 """
 
 import hashlib
@@ -15,15 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import ROOT, SHAPE, SMALL, TWO_RANK_RUN, cli, copy_run, trainer
 
-from smollm2.shards import write_shard
+from smollm2.data.shards import write_shard
 
-pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
-# configs/tiny.yaml shrunk to what starts fastest: a row is mostly the interpreter and torch import (~3 s on 2 cores)
-SMALL = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.d_mlp=64", "data.seq_len=16",
-         "data.micro_batch=2", "train.grad_accum=1", "train.dtype=fp32", "eval.interval=0", "sample.interval=0",
-         "checkpoint.interval=0", "logging.interval=1", "data.prefetch=0"]
+pytestmark = pytest.mark.e2e
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
@@ -38,37 +34,38 @@ def snapshot(*roots: Path) -> dict[str, str]:
     return out
 
 
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`python -m <args>` from the repository root."""
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def refused(args: tuple[str, ...], message: str, *keep: Path) -> subprocess.CompletedProcess:
-    """Run the command; it must exit 2 with exactly one stderr line, `error: ...` holding `message`, no traceback, and
-    leave every file under `keep` byte-for-byte as it was."""
-    before = snapshot(*keep)
-    assert before or not keep, f"nothing to compare under {keep}"
-    proc = cli(*args)
+def assert_one_line_error(proc: subprocess.CompletedProcess, message: str) -> None:
+    """Exit 2 with exactly one stderr line, `error: ...` holding `message`, and no traceback."""
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert message in lines[0], lines[0]
+
+
+def refused(args: tuple[str, ...], message: str, *keep: Path) -> subprocess.CompletedProcess:
+    """Run the command; it must fail in one line holding `message` and leave every file under `keep` as it was."""
+    before = snapshot(*keep)
+    assert before or not keep, f"nothing to compare under {keep}"
+    proc = cli(*args)
+    assert_one_line_error(proc, message)
     assert snapshot(*keep) == before, "a refused command changed existing files"
     return proc
 
 
 def train_cmd(run: Path, data: Path, *extra: str) -> tuple[str, ...]:
-    return ("smollm2.train", "--config", "configs/tiny.yaml", *SMALL, f"data.path={data}", f"train.run_dir={run}",
-            *extra)
+    """A SMALL training's `python -m` arguments (tiny.trainer, the shared launcher's)."""
+    return tuple(trainer(run, data, *SMALL, *extra)[1:])
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, shakespeare_data) -> Path:
-    """A run with a complete checkpoint at step 2."""
-    run = tmp_path_factory.mktemp("catalog") / "run"
-    proc = cli(*train_cmd(run, shakespeare_data, "train.max_steps=2"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run
+def trained(two_rank_run, tmp_path_factory) -> Path:
+    """A copy of the session's two-rank run (checkpoints at steps 10 and 20): the commands here write into a run."""
+    return copy_run(two_rank_run, tmp_path_factory.mktemp("catalog") / "run")
+
+
+def resume_cmd(run: Path, data: Path, *extra: str) -> tuple[str, ...]:
+    """A one-process resume of `trained` with its own settings."""
+    return tuple(trainer(run, data, *TWO_RANK_RUN, *SHAPE[1], *extra)[1:])
 
 
 def llmc_dir(root: Path, train_tokens: np.ndarray) -> Path:
@@ -175,11 +172,34 @@ ROWS = [
 ]
 
 
-@pytest.mark.parametrize("name, setup, message", ROWS, ids=[row[0] for row in ROWS])
-def test_bad_input_is_one_line_and_changes_nothing(name, setup, message, shakespeare_data, tmp_path):
-    run = tmp_path / "run"
-    args, keep = setup(tmp_path, shakespeare_data, run)
-    refused(args, message, shakespeare_data, *keep)
+@pytest.fixture(scope="module")
+def rows_run(shakespeare_data, tmp_path_factory) -> dict[str, tuple]:
+    """Every row's command, all started at once: each is mostly an interpreter and torch starting up, so together they
+    keep both cores busy. name -> (the finished process, the paths to keep, their snapshot before, the row's run dir)."""
+    started = {}
+    for name, setup, _ in ROWS:
+        tmp = tmp_path_factory.mktemp("row")
+        args, keep = setup(tmp, shakespeare_data, tmp / "run")
+        keep = [shakespeare_data, *keep]
+        proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        started[name] = (proc, keep, snapshot(*keep), tmp / "run")
+    done = {}
+    for name, (proc, keep, before, run) in started.items():
+        try:
+            out, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate(timeout=60)
+        done[name] = (subprocess.CompletedProcess(proc.args, proc.returncode, out, err), keep, before, run)
+    return done
+
+
+@pytest.mark.parametrize("name, message", [(name, message) for name, _, message in ROWS], ids=[row[0] for row in ROWS])
+def test_bad_input_is_one_line_and_changes_nothing(rows_run, name, message):
+    proc, keep, before, run = rows_run[name]
+    assert_one_line_error(proc, message)
+    assert snapshot(*keep) == before, "a refused command changed existing files"
     assert not (run / "checkpoints").exists()  # nothing trained, nothing saved
 
 
@@ -187,13 +207,24 @@ def test_bad_input_is_one_line_and_changes_nothing(name, setup, message, shakesp
 
 
 def test_resume_under_another_model_shape(trained, shakespeare_data):
-    cmd = train_cmd(trained, shakespeare_data, "model.n_layer=2", "train.max_steps=3", "--resume", "latest")
-    refused(cmd, "was written for another model shape (model.n_layer: checkpoint 1, config 2)", trained / "checkpoints")
+    cmd = resume_cmd(trained, shakespeare_data, "model.n_layer=3", "train.max_steps=21", "--resume", "latest")
+    refused(cmd, "was written for another model shape (model.n_layer: checkpoint 2, config 3)", trained / "checkpoints")
 
 
-def test_resume_from_a_path_that_does_not_exist(trained, shakespeare_data, tmp_path):
-    cmd = train_cmd(trained, shakespeare_data, "train.max_steps=3", "--resume", str(tmp_path / "nope"))
-    refused(cmd, f"checkpoint not found: {tmp_path / 'nope'}", trained / "checkpoints")
+def test_a_damaged_checkpoint_is_named_by_resume_and_verify(trained, shakespeare_data, tmp_path):
+    """A shard damaged in place (the same size): --resume of it and `verify` (what launch/train.sh runs after each phase)
+    refuse it in one line naming the checkpoint and the file."""
+    run = tmp_path / "run"
+    damaged = run / "checkpoints" / "step-000010"
+    shutil.copytree(trained / "checkpoints" / "step-000010", damaged)
+    shard = damaged / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    shard.write_bytes(data)
+    message = f"{damaged} is damaged: __0_0.distcp has changed since it was written (sha256 differs)"
+    refused(resume_cmd(tmp_path / "other", shakespeare_data, "train.max_steps=11", "--resume", str(damaged)), message,
+            damaged)
+    refused(("smollm2.checkpoint", "verify", str(run), "10"), message, damaged)
 
 
 def test_resume_latest_with_no_checkpoint_starts_from_step_0(shakespeare_data, tmp_path):
@@ -203,14 +234,6 @@ def test_resume_latest_with_no_checkpoint_starts_from_step_0(shakespeare_data, t
     note = f"resume=latest: no complete checkpoint in {tmp_path / 'fresh' / 'checkpoints'} yet; starting from step 0"
     assert note in proc.stdout
     assert (tmp_path / "fresh" / "checkpoints" / "step-000001").is_dir()
-
-
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained, shakespeare_data):
-    """optim.lr=1e30 from the step-2 checkpoint: the loss is inf/nan by step 4, the run stops before saving it."""
-    cmd = train_cmd(trained, shakespeare_data, "train.max_steps=4", "optim.lr=1e30", "optim.warmup_steps=0",
-                    "optim.grad_clip=0", "--resume", "latest")
-    proc = refused(cmd, "stopping without saving. The last good checkpoint is kept in", trained / "checkpoints")
-    assert "error: loss became nan by step" in proc.stderr or "error: loss became inf by step" in proc.stderr
 
 
 def test_generate_on_a_missing_path(tmp_path):

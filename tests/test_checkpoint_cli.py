@@ -1,26 +1,40 @@
-"""`python -m smollm2.checkpoint run-dir / latest-step`: what launch/*.sh ask instead of parsing configs and step names."""
+"""`python -m smollm2.checkpoint run-dir / latest-step`: what launch/*.sh ask instead of parsing configs and step names.
+Run in this process through the same wrapper the command uses (its exit status, stdout and stderr)."""
 
-import os
-import subprocess
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from smollm2.checkpoint import COMPLETE, checkpoint_step, step_dir_name
+from smollm2.checkpoint.__main__ import main
 from smollm2.config import load_config
-from smollm2.errors import CheckpointError
-
-ROOT = Path(__file__).resolve().parents[1]
+from smollm2.errors import CheckpointError, run_cli
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "SMOLLM2_TRACEBACK"}  # errors as users see them: one line
-    return subprocess.run([sys.executable, "-m", "smollm2.checkpoint", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """`python -m smollm2.checkpoint ARGS` as users see it: exit status, stdout, stderr (errors as one line)."""
+    monkeypatch.delenv("SMOLLM2_TRACEBACK", raising=False)
+
+    def run(*args) -> Result:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(main, [str(a) for a in args])
+        out, err = capsys.readouterr()
+        return Result(exit_.value.code, out, err)
+
+    return run
+
+
+def assert_one_line_error(proc: Result, *fragments: str) -> None:
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
@@ -39,7 +53,7 @@ def fake_checkpoint(ckpt_root: Path, name: str, complete: bool = True) -> Path:
     return path
 
 
-def test_run_dir_prints_the_resolved_run_dir(tmp_path):
+def test_run_dir_prints_the_resolved_run_dir(cli, tmp_path):
     default = cli("run-dir", "configs/tiny.yaml")
     assert default.returncode == 0, default.stderr
     assert default.stdout == load_config("configs/tiny.yaml").train.run_dir + "\n"
@@ -49,12 +63,12 @@ def test_run_dir_prints_the_resolved_run_dir(tmp_path):
     assert overridden.stdout == f"{tmp_path / 'mine'}\n"
 
 
-def test_run_dir_rejects_a_bad_key_or_file_in_one_line():
+def test_run_dir_rejects_a_bad_key_or_file_in_one_line(cli):
     assert_one_line_error(cli("run-dir", "configs/tiny.yaml", "train.no_such_key=1"), "train.no_such_key")
     assert_one_line_error(cli("run-dir", "configs/no_such_config.yaml"), "config file not found")
 
 
-def test_latest_step_is_the_newest_complete_checkpoint(tmp_path):
+def test_latest_step_is_the_newest_complete_checkpoint(cli, tmp_path):
     ckpts = tmp_path / "run" / "checkpoints"
     fake_checkpoint(ckpts, step_dir_name(10))
     fake_checkpoint(ckpts, step_dir_name(200))
@@ -66,7 +80,7 @@ def test_latest_step_is_the_newest_complete_checkpoint(tmp_path):
     assert proc.stdout == "200\n"
 
 
-def test_latest_step_without_a_checkpoint_exits_2(tmp_path):
+def test_latest_step_without_a_checkpoint_exits_2(cli, tmp_path):
     (tmp_path / "empty").mkdir()
     assert_one_line_error(cli("latest-step", tmp_path / "empty"), "no complete checkpoint")
     fake_checkpoint(tmp_path / "partial" / "checkpoints", f".tmp-{step_dir_name(5)}", complete=False)

@@ -1,10 +1,8 @@
-import subprocess
-
 import pytest
 
 from smollm2.checkpoint import check_model_matches
-from smollm2.config import ConfigError, load_config, to_dict
-from smollm2.errors import CheckpointError
+from smollm2.config import load_config, to_dict
+from smollm2.errors import CheckpointError, ConfigError
 
 
 def test_presets_load(root):
@@ -57,12 +55,16 @@ def test_unknown_key_in_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-def test_cli_error_is_one_line_without_traceback(root, python):
-    proc = subprocess.run([python, "-m", "smollm2.model", "--config", "configs/tiny.yaml", "model.n_layr=2"],
-                          cwd=root, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == ("error: command line: unknown config key 'model.n_layr'; "
-                                   "did you mean 'model.n_layer'?")
+def test_cli_error_is_one_line_without_traceback(monkeypatch, capsys):
+    from smollm2.errors import run_cli
+    from smollm2.model.__main__ import main
+
+    monkeypatch.delenv("SMOLLM2_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main, ["--config", "configs/tiny.yaml", "model.n_layr=2"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("error: command line: unknown config key 'model.n_layr'; "
+                                       "did you mean 'model.n_layer'?\n")
 
 
 def test_typed_choices_and_auto_switches(root):
@@ -96,3 +98,55 @@ def test_max_seq_len_does_not_block_a_resume(root, tmp_path):
     check_model_matches({"model": saved}, load_config(root / "configs/tiny.yaml", ["model.max_seq_len=256"]), tmp_path)
     with pytest.raises(CheckpointError, match="model.n_layer: checkpoint 2, config 3"):
         check_model_matches({"model": saved}, load_config(root / "configs/tiny.yaml", ["model.n_layer=3"]), tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ saved configs
+
+
+def test_a_saved_config_carries_its_version_and_works_as_a_preset(root, tmp_path):
+    from smollm2.config import CONFIG_VERSION, to_yaml
+
+    cfg = load_config(root / "configs/tiny.yaml", ["train.max_steps=7"])
+    text = to_yaml(cfg)
+    assert text.startswith(f"config_version: {CONFIG_VERSION}\n") and to_dict(cfg)["config_version"] == CONFIG_VERSION
+    (tmp_path / "config.yaml").write_text(text)
+    assert load_config(tmp_path / "config.yaml") == cfg  # users relaunch from a run's config.yaml
+    (tmp_path / "newer.yaml").write_text(text.replace(f"config_version: {CONFIG_VERSION}", "config_version: 99"))
+    with pytest.raises(ConfigError, match="written by a newer smollm2 \\(config_version 99\\)"):
+        load_config(tmp_path / "newer.yaml")
+
+
+def test_a_saved_config_is_read_leniently(root, tmp_path, capsys):
+    """What an older or newer version saved: unknown keys and values no longer accepted are dropped with one warning
+    naming them, missing keys take their defaults, the rest loads as saved."""
+    from smollm2.config import Config, load_saved_config
+
+    saved = to_dict(load_config(root / "configs/tiny.yaml", ["optim.lr=0.25"]))
+    saved["config_version"] = 99
+    saved["model"]["experts"] = 8  # added by a newer version
+    saved["train"]["dtype"] = "fp8"  # a value this version does not accept
+    saved["curriculum"] = {"stages": 3}  # a whole new section
+    del saved["optim"]["beta2"]  # a key the saving version did not have
+    cfg = load_saved_config(saved, "runs/x/config.yaml")
+    assert capsys.readouterr().err == ("warning: runs/x/config.yaml: ignoring what this version does not know (written by "
+                                       "a newer smollm2: config_version 99): model.experts, train.dtype='fp8', "
+                                       "curriculum\n")
+    assert cfg.optim.lr == 0.25 and cfg.optim.beta2 == Config().optim.beta2 and cfg.train.dtype == Config().train.dtype
+    assert cfg.model.d_model == 64  # tiny's, as saved
+    (tmp_path / "config.yaml").write_text("model:\n  d_model: 63\n")  # breaks a constraint: an error naming the file
+    with pytest.raises(ConfigError, match="config.yaml: invalid config: model.d_model"):
+        load_saved_config(tmp_path / "config.yaml")
+
+
+def test_the_model_keys_a_resume_may_change_are_marked_beside_their_fields():
+    from smollm2.config import MAY_DIFFER_ON_RESUME
+
+    assert MAY_DIFFER_ON_RESUME == {"max_seq_len", "attention", "init_std"}
+
+
+def test_wandb_log_model_is_checked_not_rewritten(root):
+    cfg = load_config(root / "configs/tiny.yaml", ["logging.wandb.log_model=true"])
+    assert cfg.logging.wandb.log_model.lower() == "true"  # validation leaves the value as given; tracking resolves it
+    from smollm2.observe.tracking import wandb_settings
+
+    assert wandb_settings(cfg.logging.wandb, {}).log_model == "checkpoint"

@@ -15,10 +15,10 @@ import data_prep.sources as sources
 from data_prep.prep import PrepOptions, ValSplit, prepare
 from data_prep.sources import cache_dir, default_name, find_cut, text_pieces
 from smollm2.data import Dataset
+from smollm2.data.manifest import INCOMPLETE_MARKER
+from smollm2.data.shards import open_shard
+from smollm2.data.tokenizer import EOS_ID, get_tokenizer
 from smollm2.errors import DataError
-from smollm2.manifest import INCOMPLETE_MARKER
-from smollm2.shards import open_shard
-from smollm2.tokenizer import EOS_ID, get_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -179,6 +179,7 @@ def test_default_names(tmp_path):
 # ---------------------------------------------------------------------------------------------------- re-runs
 
 
+@pytest.mark.e2e
 def test_rerun_with_the_same_inputs_is_a_noop_that_says_so(tmp_path):
     write_jsonl(tmp_path / "c.jsonl", DOCS)
     out = tmp_path / "out"
@@ -212,6 +213,7 @@ def test_rerun_replaces_a_malformed_or_old_manifest_as_its_error_says(tmp_path):
 # ---------------------------------------------------------------------------------------------------- bad input
 
 
+@pytest.mark.e2e
 def test_cli_missing_path_is_one_line_exit_2(tmp_path):
     result = cli("--source", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "out"))
     assert result.returncode == 2
@@ -220,6 +222,7 @@ def test_cli_missing_path_is_one_line_exit_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.e2e
 def test_cli_bad_json_line_names_file_and_line_and_leaves_nothing(tmp_path):
     path = tmp_path / "c.jsonl"
     write_jsonl(path, DOCS * 50)  # a few shards get written before the bad line is reached
@@ -322,6 +325,7 @@ sys.exit(prep.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.e2e
 def test_killed_prep_never_leaves_a_manifest_listing_a_partial_shard(tmp_path):
     write_jsonl(tmp_path / "c.jsonl", DOCS * 20)
     out = tmp_path / "out"

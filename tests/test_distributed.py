@@ -59,6 +59,7 @@ def _describe(env):
     return describe_ranks(env)
 
 
+@pytest.mark.multirank
 def test_describe_ranks_gathers_one_line_per_rank(tmp_path):
     import socket
 
@@ -79,12 +80,14 @@ def _check(env, run_dir):
     check_shared_dir(run_dir, env, wait_s=0.5)
 
 
+@pytest.mark.multirank
 def test_shared_run_dir_passes_and_leaves_nothing_behind(tmp_path):
     run_dir = tmp_path / "run"
     assert run_ranks(_check, [(str(run_dir),), (str(run_dir),)], tmp_path) == [("ok", None), ("ok", None)]
     assert list(run_dir.iterdir()) == []  # rank 0 removed the token file once every rank had looked
 
 
+@pytest.mark.multirank
 def test_run_dir_not_shared_stops_every_rank_with_one_line(tmp_path):
     import socket
 
@@ -101,39 +104,40 @@ def test_run_dir_not_shared_stops_every_rank_with_one_line(tmp_path):
 # ------------------------------------------------------------------------------------------ RoPE tables under FSDP2
 
 
-def _rope_dtypes(env, wrap):
-    """Build the training model as train does (bf16, the given FSDP units), run a forward + backward, and return the
-    dtypes every Attention saw for x, cos and sin, and the loss."""
+def _rope_dtypes(env) -> dict:
+    """Build the training model as train does (bf16) with each FSDP layout, run a forward + backward, and return, per
+    layout, the dtypes every Attention saw for x, cos and sin, and the loss."""
     from smollm2.config import load_config
-    from smollm2.model import Attention
+    from smollm2.model.model import Attention
     from smollm2.parallelize import build_model
 
-    cfg = load_config(ROOT / "configs/tiny.yaml", ["train.dtype=bf16", f"train.fsdp_wrap={wrap}"])
-    model = build_model(cfg, env)
-    seen = set()
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.register_forward_pre_hook(lambda mod, args: seen.add(tuple(str(a.dtype) for a in args[:3])))
-    idx = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
-    loss = model(idx[:, :-1], idx[:, 1:])
-    loss.backward()
-    return sorted(seen), loss.item()
+    out = {}
+    for wrap in ("block", "root"):
+        cfg = load_config(ROOT / "configs/tiny.yaml", ["train.dtype=bf16", f"train.fsdp_wrap={wrap}"])
+        model = build_model(cfg, env)
+        seen = set()
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.register_forward_pre_hook(lambda mod, args, seen=seen: seen.add(tuple(str(a.dtype) for a in args[:3])))
+        idx = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+        loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        out[wrap] = (sorted(seen), loss.item())
+    return out
 
 
+@pytest.mark.multirank
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_rope_tables_stay_fp32_under_bf16_at_every_world_size_and_fsdp_layout(tmp_path, world_size):
     """Per-block FSDP units used to cast the blocks' float inputs, the cos/sin tables included, to bf16; one root unit
     did not: 1 GPU and 8 GPUs trained different numerics. Now every layout hands the blocks fp32 tables."""
-    by_wrap = {}
-    for wrap in ("block", "root"):
-        results = run_ranks(_rope_dtypes, [(wrap,)] * world_size, tmp_path / wrap)
-        for status, value in results:
-            assert status == "ok", value
-            dtypes, loss = value
+    results = run_ranks(_rope_dtypes, [()] * world_size, tmp_path)
+    for status, by_wrap in results:
+        assert status == "ok", by_wrap
+        for wrap, (dtypes, _) in by_wrap.items():
             assert dtypes == [("torch.bfloat16", "torch.float32", "torch.float32")], (wrap, dtypes)
-        by_wrap[wrap] = [loss for _, (_, loss) in results]
-    # and with the same inputs the two layouts compute the same loss (each rank ran the same batch)
-    assert by_wrap["block"] == by_wrap["root"]
+        # and with the same inputs the two layouts compute the same loss (each rank ran the same batch)
+        assert by_wrap["block"][1] == by_wrap["root"][1]
 
 
 # ---------------------------------------------------------------------- a restarted attempt under torchrun's store

@@ -17,12 +17,12 @@ pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate", reason="lm-eval's HF model class needs accelerate (lm-eval[hf])")
 
 from smollm2.config import load_config  # noqa: E402
-from smollm2.export import write_safetensors  # noqa: E402
+from smollm2.data.tokenizer import get_tokenizer  # noqa: E402
 from smollm2.model import SmolLM  # noqa: E402
-from smollm2.tokenizer import get_tokenizer  # noqa: E402
+from smollm2.serve.export import write_safetensors  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 CHOICES = ["a", "the", "ROMEO", "and", "thee"]
 QUESTIONS = ["To be, or not to be", "ROMEO: But soft", "What light through yonder window", "O Romeo, Romeo",
              "A plague o' both", "Now is the winter", "All the world's a", "Friends, Romans,", "Double, double toil",

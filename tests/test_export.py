@@ -1,4 +1,4 @@
-"""Shipping the model: a checkpoint from a 2-rank run exported to `transformers` (GPT-NeoX, no custom code), to one
+"""Shipping the model: a checkpoint from the session's 2-rank run exported to `transformers` (GPT-NeoX, no custom code), to one
 safetensors file in our own names, and to a Space folder; the tokenizer rebuilt for `tokenizers` from our BPE ranks."""
 
 from __future__ import annotations
@@ -15,43 +15,33 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from smollm2 import export as export_module  # noqa: E402
-from smollm2.checkpoint import load_model_for_inference, resolve  # noqa: E402
+from smollm2.checkpoint import resolve  # noqa: E402
 from smollm2.config import GenerateConfig, load_config  # noqa: E402
+from smollm2.data.tokenizer import EOS_ID, PAD_ID, get_tokenizer  # noqa: E402
 from smollm2.errors import UserError  # noqa: E402
-from smollm2.export import export, neox_config, write_safetensors  # noqa: E402
-from smollm2.generate import generate  # noqa: E402
-from smollm2.tokenizer import EOS_ID, PAD_ID, get_tokenizer  # noqa: E402
+from smollm2.serve import export as export_module  # noqa: E402
+from smollm2.serve.export import export, neox_config, write_safetensors  # noqa: E402
+from smollm2.serve.generate import generate  # noqa: E402
+from smollm2.serve.loading import load_model_for_inference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 # Accents, CJK, emoji (with joiners), CRLF, tabs, code, runs of spaces and newlines, leading/trailing whitespace.
 MIXED = ("  Héllo wörld — naïve café, Ça va? 日本語のテキスト、中文。 🙂🚀👩‍👩‍👧 emoji\r\nCRLF line\tTab\tseparated\n"
          "    def f(x):\n        return {'a': x ** 2}  # code\n\n\n  several   spaces   \u00a0nbsp 3.14159 I'll we've end  \n")
 
 
 @pytest.fixture(scope="module")
-def run(shakespeare_data, tmp_path_factory) -> Path:
-    """A few steps on 2 gloo ranks (a sharded DCP checkpoint), with an eval at the last step for the model card."""
-    run = tmp_path_factory.mktemp("export") / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "smollm2.train",
-           "--config", "configs/tiny.yaml", f"data.path={shakespeare_data}", f"train.run_dir={run}", "train.max_steps=4",
-           "data.seq_len=32", "data.micro_batch=2", "train.grad_accum=1", "eval.interval=4", "eval.windows=8",
-           "sample.interval=0", "checkpoint.interval=4", "data.prefetch=1"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return run
+def run(two_rank_run) -> Path:
+    """The session's two-rank run (sharded DCP checkpoints; an eval at its last step, step 20, for the model card)."""
+    return two_rank_run
 
 
 @pytest.fixture(scope="module")
-def hf_dir(run, tmp_path_factory) -> Path:
-    """The command line's `hf` export of the run directory (its latest checkpoint)."""
-    out = tmp_path_factory.mktemp("hf") / "model"
-    proc = subprocess.run([sys.executable, "-m", "smollm2.export", "--checkpoint", str(run), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == str(out) and "export: loading" in proc.stderr
-    return out
+def hf_dir(space_export) -> Path:
+    """The `transformers` folder inside the session's Space export (`python -m smollm2.export --format space`, which
+    writes it exactly as `--format hf` does)."""
+    return space_export / "model"
 
 
 def greedy_pairs(ours, hf, prompts=("ROMEO:", "To be, or not to be"), n=24) -> list[tuple[list[int], list[int]]]:
@@ -93,9 +83,9 @@ def test_transformers_loads_it_and_computes_our_logits(run, hf_dir):
     info = json.loads((hf_dir / "smollm2_export.json").read_text())
     state = json.loads((run / "checkpoints" / "latest" / "train_state.json").read_text())
     val = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])["val_loss"]
-    assert info == {"step": 4, "tokens_seen": state["tokens_seen"], "n_params": ours.num_params(), "val_loss": val,
+    assert info == {"step": 20, "tokens_seen": state["tokens_seen"], "n_params": ours.num_params(), "val_loss": val,
                     "max_seq_len": 128, "source_checkpoint": str(resolve("latest", run / "checkpoints")),
-                    "format": "hf", "dtype": "fp32"} and step == 4
+                    "format": "space", "dtype": "fp32"} and step == 20
     card = (hf_dir / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\nlicense: mit\n") and f"{val:.4f}" in card
     assert f"{ours.num_params():,}" in card and "AutoModelForCausalLM.from_pretrained" in card
@@ -150,7 +140,7 @@ def test_safetensors_round_trip_is_bit_exact(run, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors", "smollm2_export.json"]
     ckpt, ckpt_cfg, step = load_model_for_inference(run)
     back, cfg, back_step = load_model_for_inference(out)
-    assert back_step == step == 4 and cfg.model == ckpt_cfg.model
+    assert back_step == step == 20 and cfg.model == ckpt_cfg.model
     a, b = ckpt.state_dict(), back.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
     assert back.head.weight is back.embed.weight  # still tied
@@ -181,17 +171,17 @@ def test_bf16_refusal_force_and_nothing_half_written(run, tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16"]  # no .tmp-*/.old-* left, no partial space
 
 
-def test_space_folder(run, tmp_path):
+def test_space_folder(space_export):
     import gradio
 
-    out = export(str(run / "checkpoints" / "latest"), tmp_path / "space", fmt="space")
+    out = space_export
     front, body = (out / "README.md").read_text().split("---\n")[1:3]
     fields = dict(line.split(": ", 1) for line in front.strip().splitlines())
     assert (fields["sdk"], fields["sdk_version"], fields["app_file"], fields["pinned"]) == \
         ("gradio", gradio.__version__, "app.py", "false") and fields["title"]
-    assert (out / "app.py").read_bytes() == (ROOT / "smollm2" / "space_app.py").read_bytes()
+    assert (out / "app.py").read_bytes() == (ROOT / "smollm2" / "serve" / "space_app.py").read_bytes()
     assert set((out / "requirements.txt").read_text().split()) == {"gradio", "transformers", "torch", "safetensors"}
     model = out / "model"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md"):
         assert (model / name).is_file(), name
-    assert json.loads((model / "smollm2_export.json").read_text())["step"] == 4
+    assert json.loads((model / "smollm2_export.json").read_text())["step"] == 20

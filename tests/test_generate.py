@@ -16,13 +16,14 @@ from pathlib import Path
 import multirank  # tests/ helper
 import pytest
 import torch
+from tiny import parts
 
 from smollm2.checkpoint import Checkpointer
 from smollm2.config import GenerateConfig, load_config
+from smollm2.data.tokenizer import EOS_ID, PAD_ID, get_tokenizer
 from smollm2.errors import UserError
-from smollm2.generate import TextStream, fit_to_context, generate, generate_batch, main
 from smollm2.model import SmolLM
-from smollm2.tokenizer import EOS_ID, PAD_ID, get_tokenizer
+from smollm2.serve.generate import TextStream, fit_to_context, generate, generate_batch, main
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = GenerateConfig(temperature=0.0, max_new_tokens=20, stop_at_eos=False)
@@ -211,7 +212,7 @@ def checkpoint(tmp_path_factory, model) -> Path:
     root = tmp_path_factory.mktemp("generate") / "run" / "checkpoints"
     with warnings.catch_warnings():  # DCP without a process group: "assuming the intent is to save in a single process"
         warnings.simplefilter("ignore", UserWarning)
-        Checkpointer(root, 0, rank=0, world_size=1).save(1, model, torch.optim.AdamW(model.parameters()), {"step": 1}, cfg)
+        Checkpointer(root, 0, rank=0, world_size=1).save(1, parts(model, torch.optim.AdamW(model.parameters()), step=1), cfg)
     return root.parent
 
 
@@ -308,6 +309,7 @@ def _decode_on_rank(rank: int, seed: int) -> tuple[list[list[int]], list[int]]:
     return generate_batch(model, PROMPTS, cfg), generate(model, PROMPTS[1], cfg)
 
 
+@pytest.mark.multirank
 def test_under_torch_distributed_every_rank_gets_rank_0_s_tokens(model, tmp_path):
     """Each rank samples with another seed; the broadcast makes every rank's result rank 0's."""
     results = multirank.run_ranks(_decode_on_rank, [(11,), (99,)], tmp_path, timeout=120)

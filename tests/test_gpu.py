@@ -6,19 +6,18 @@ network and no cache."""
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tiny import ROOT, command
 
 from smollm2.config import load_config
+from smollm2.data.shards import write_shard
 from smollm2.optim import LRSchedule
-from smollm2.shards import write_shard
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,7 @@ def random_shards(tmp_path_factory) -> Path:
 
 
 def test_fused_loss_matches_cross_entropy_on_cuda():
-    from smollm2.loss import linear_cross_entropy
+    from smollm2.model.loss import linear_cross_entropy
 
     torch.manual_seed(0)
     h = torch.randn(2048, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -60,11 +59,10 @@ def test_fused_loss_matches_cross_entropy_on_cuda():
 @pytest.mark.parametrize("ac", ["none", "selective"])
 def test_bf16_compiled_training_on_cuda(random_shards, tmp_path, ac):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "smollm2.train", "--config", "configs/smollm2_135.yaml", f"data.path={random_shards}",
-           f"train.run_dir={run}", "train.max_steps=6", "data.seq_len=1024", "data.micro_batch=4", "train.grad_accum=2",
-           f"train.activation_checkpointing={ac}", "train.compile=true", "logging.interval=1", "optim.warmup_steps=2",
-           "eval.interval=6",
-           "eval.windows=8", "sample.interval=6", "generate.max_new_tokens=8", "checkpoint.interval=0"]
+    cmd = command(0, run, random_shards, "train.max_steps=6", "data.seq_len=1024", "data.micro_batch=4",
+                  "train.grad_accum=2", f"train.activation_checkpointing={ac}", "train.compile=true", "logging.interval=1",
+                  "optim.warmup_steps=2", "eval.interval=6", "eval.windows=8", "sample.interval=6",
+                  "generate.max_new_tokens=8", "checkpoint.interval=0", config="configs/smollm2_135.yaml")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from smollm2.config import load_config
 from smollm2.distributed import DistEnv
-from smollm2.gradflow import group_grad_norms, group_histograms, group_of
 from smollm2.model import SmolLM
+from smollm2.observe.gradflow import group_grad_norms, group_histograms, group_of
 
 ROOT = Path(__file__).resolve().parents[1]
 BINS = 32
@@ -79,6 +79,7 @@ def _sharded(rank: int, dp_shard: int = 0) -> dict:
             "replicated": group_grad_norms(plain)}
 
 
+@pytest.mark.multirank
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world_size,dp_shard", [(2, 0), (4, 2)], ids=["fsdp-2", "hsdp-2x2"])
 def test_group_norms_under_fsdp2_equal_the_unsharded_computation(tmp_path, world_size, dp_shard):

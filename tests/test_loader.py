@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from smollm2.data import Dataset, TrainLoader, ValWindows
+from smollm2.data.manifest import INCOMPLETE_MARKER
+from smollm2.data.shards import write_shard
 from smollm2.errors import DataError
-from smollm2.manifest import INCOMPLETE_MARKER
-from smollm2.shards import write_shard
 
 SEQ_LEN = 8
 TRAIN_SIZES = (1000, 1201)  # two shards: windows span the boundary

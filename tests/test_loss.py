@@ -1,11 +1,11 @@
-"""The fused, chunked LM-head cross-entropy (smollm2/loss.py) against plain F.cross_entropy over the full logits."""
+"""The fused, chunked LM-head cross-entropy (smollm2/model/loss.py) against plain F.cross_entropy over the full logits."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import smollm2.loss as loss_module
-from smollm2.loss import chunk_rows, linear_cross_entropy
+import smollm2.model.loss as loss_module
+from smollm2.model.loss import chunk_rows, linear_cross_entropy
 
 VOCAB, PADDED, WIDTH = 300, 384, 16
 
@@ -61,7 +61,7 @@ def test_chunk_rows_is_a_power_of_two_within_the_budget():
     assert chunk_rows(10, 10**9, cpu) == 1  # at least one row
 
 
-@pytest.mark.slow
+@pytest.mark.compile
 def test_compiled_chunk_matches_plain_cross_entropy(monkeypatch):
     """`compiled=True` (the GPU default under train.compile) runs each chunk's softmax + gradient through torch.compile;
     with a ragged last chunk, each chunk shape compiles once."""

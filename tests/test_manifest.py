@@ -8,9 +8,9 @@ import pytest
 
 import smollm2.files as files
 from smollm2.data import Dataset
+from smollm2.data.manifest import MANIFEST_NAME, MANIFEST_VERSION, read_manifest, write_manifest
 from smollm2.errors import DataError
 from smollm2.files import atomic_write_json, sha256_file
-from smollm2.manifest import MANIFEST_NAME, MANIFEST_VERSION, read_manifest, write_manifest
 
 MANIFEST = {
     "format_version": MANIFEST_VERSION,

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from smollm2.config import ModelConfig, load_config
-from smollm2.model import SmolLM, apply_rope, naive_attention, parameter_table, rope_cos_sin
+from smollm2.model import SmolLM, parameter_table
+from smollm2.model.model import naive_attention
+from smollm2.model.rotary import apply_rope, rope_cos_sin
 
 TINY = ModelConfig(n_layer=2, n_head=4, d_model=64, d_mlp=256, max_seq_len=64)
 
@@ -31,11 +33,11 @@ def test_parameter_counts_match_the_spec(root):
     assert table["total as stored (vocab padded to 50304)"] == 123_654_144 + 46 * 768
 
 
-def test_parameter_table_cli(root, python):
-    import subprocess
+def test_parameter_table_cli(capsys):
+    from smollm2.model.__main__ import main
 
-    out = subprocess.run([python, "-m", "smollm2.model", "--config", "configs/smollm2_135.yaml"], cwd=root,
-                         capture_output=True, text=True, check=True, timeout=120).stdout
+    assert main(["--config", "configs/smollm2_135.yaml"]) == 0
+    out = capsys.readouterr().out
     assert "123,654,144" in out and "38,598,144" in out and "7,087,872" in out and "123,689,472" in out
 
 
@@ -132,7 +134,7 @@ def test_rope_scores_depend_only_on_relative_offset():
 def test_blocks_get_fp32_rope_tables_when_the_weights_are_bf16():
     """The tables are computed in fp32 and reach every block as such (bf16 would round the angles); the residual stream
     runs in the weights' dtype."""
-    from smollm2.model import Attention
+    from smollm2.model.model import Attention
 
     model = make_model().to(torch.bfloat16).eval()
     seen = []
@@ -166,7 +168,7 @@ def test_sdpa_matches_naive_attention():
 
 
 def test_kv_cache_prefill_and_decode_match_full_forward():
-    from smollm2.model import KVCache
+    from smollm2.model.model import KVCache
 
     model = make_model().eval()
     idx = torch.randint(0, 50000, (1, 20))

@@ -1,10 +1,9 @@
-import math
+"""AdamW (decay groups, the CPU update's implementation) and the learning-rate schedule."""
 
 import pytest
 import torch
 
 from smollm2.config import ModelConfig, OptimConfig
-from smollm2.metrics import Throughput, flops_per_token
 from smollm2.model import SmolLM
 from smollm2.optim import LRSchedule, build_optimizer
 
@@ -49,31 +48,6 @@ def test_weight_decay_on_matrices_and_embeddings_only():
     assert any(p is model.embed.weight for p in decay["params"])
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params(logical=False)
     assert opt.defaults["betas"] == (0.9, 0.95)
-
-
-def test_mfu_arithmetic():
-    per_token = flops_per_token(123_654_144, 12, 12, 64, 2048)
-    assert per_token == 6 * 123_654_144 + 12 * 12 * 12 * 64 * 2048
-    meter = Throughput(tokens_per_step=1000, flops_per_token=1e9, peak_tflops=100.0, world_size=2)
-    meter.start -= 2.0  # pretend 2 s passed over 4 steps
-    for _ in range(4):
-        meter.step()
-    m = meter.measure(remaining_steps=10)
-    assert m["tok_per_s"] == pytest.approx(2000, rel=0.01)
-    assert m["mfu"] == pytest.approx(2000 * 1e9 / (100e12 * 2), rel=0.01)
-    assert m["step_ms"] == pytest.approx(500, rel=0.01) and m["eta_s"] == pytest.approx(5, rel=0.01)
-    assert math.isclose(meter.measure(0)["tok_per_s"], 0.0, abs_tol=1e-6)
-
-
-def test_throughput_excludes_paused_time():
-    import time
-
-    meter = Throughput(tokens_per_step=100, flops_per_token=1.0, peak_tflops=None, world_size=1)
-    meter.step()
-    with meter.paused():  # an eval or a checkpoint
-        time.sleep(0.3)
-    m = meter.measure(remaining_steps=0)
-    assert m["step_ms"] < 150 and m["mfu"] is None
 
 
 def test_unfused_cpu_default_is_the_single_tensor_loop_and_bitwise_foreach():

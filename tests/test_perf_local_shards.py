@@ -1,4 +1,4 @@
-"""Clipping and AdamW on the local shards (issue 13, lever 1) compute what torch's DTensor paths compute.
+"""Clipping and AdamW on the local shards compute what torch's DTensor paths compute.
 
 `smollm2.step.clip_grad_norm` (one `_foreach_norm` on the local gradients, one all-reduce of the squared norm) against
 `torch.nn.utils.clip_grad_norm_` over the DTensors, and `smollm2.optim.LocalAdamW` (the update on `to_local()` views)
@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.multirank
 
 
 def _tiny_model(seed: int = 0):

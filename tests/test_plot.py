@@ -1,41 +1,35 @@
 """The offline plot: from a real run with a resume, a readable PNG whose data covers both phases; torn and empty files."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
+import shutil
 
 import matplotlib.image
 import pytest
+from tiny import cli
 
 from smollm2.errors import UserError
 from smollm2.files import read_jsonl
-from smollm2.plot import Mark, plot_run, segments
-
-ROOT = Path(__file__).resolve().parents[1]
+from smollm2.observe.plot import Mark, plot_run, segments
 
 
-@pytest.mark.slow
-def test_plot_of_a_resumed_run_covers_both_phases(shakespeare_data, tmp_path):
+@pytest.mark.e2e
+def test_plot_of_a_resumed_run_covers_both_phases(resumed_run, tmp_path):
+    """The session's resumed run (10 steps, then a resume to 20; evals at 10 and 20); the plot needs only its JSONL."""
     run = tmp_path / "run"
-    base = [sys.executable, "-m", "smollm2.train", "--config", "configs/tiny.yaml", f"data.path={shakespeare_data}",
-            f"train.run_dir={run}", "data.seq_len=32", "logging.interval=1", "eval.interval=2", "sample.interval=0",
-            "checkpoint.interval=4"]
-    for extra in (["train.max_steps=4"], ["train.max_steps=8", "--resume", "latest"]):
-        proc = subprocess.run([*base, *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    cli = subprocess.run([sys.executable, "-m", "smollm2.plot", str(run)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
-    assert cli.returncode == 0, cli.stderr
+    run.mkdir()
+    for name in ("metrics.jsonl", "eval.jsonl", "events.jsonl"):
+        shutil.copyfile(resumed_run / name, run / name)
+    plotted = cli("smollm2.plot", run)
+    assert plotted.returncode == 0, plotted.stderr
     png = run / "plots" / "training.png"
-    assert cli.stdout.strip() == str(png)
+    assert plotted.stdout.strip() == str(png)
     image = matplotlib.image.imread(png)
     assert image.shape[1] >= 1000 and image.shape[0] >= 700
     assert image[..., :3].std() > 0.05  # not a blank canvas
     _, drawn = plot_run(run, tmp_path / "again.png")
-    assert drawn["train_steps"] == list(range(1, 9)) and drawn["val_steps"] == [2, 4, 6, 8]
-    assert [(m.step, m.kind) for m in drawn["marks"]] == [(4, "resume")]  # the phase boundary, from events.jsonl
-    assert drawn["marks"][0].label.startswith("resume from step-000004")
+    assert drawn["train_steps"] == list(range(1, 21)) and drawn["val_steps"] == [10, 20]
+    assert [(m.step, m.kind) for m in drawn["marks"]] == [(10, "resume")]  # the phase boundary, from events.jsonl
+    assert drawn["marks"][0].label.startswith("resume from step-000010")
     assert "embed" in drawn["groups"] and "block_01/mlp" in drawn["groups"]  # the gradient-flow panel has data
 
 
@@ -71,10 +65,15 @@ def test_marks_from_events_step_regressions_and_time_gaps(tmp_path):
     assert matplotlib.image.imread(out).shape[1] >= 1000
 
 
-def test_no_metrics_is_one_clear_error(tmp_path):
+def test_no_metrics_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    from smollm2.errors import run_cli
+    from smollm2.observe.plot import main
+
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(UserError, match="no metrics yet"):
         plot_run(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "smollm2.plot", str(tmp_path / "missing")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: no metrics yet") and "Traceback" not in proc.stderr
+    monkeypatch.delenv("SMOLLM2_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main, [str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: no metrics yet") and "Traceback" not in err

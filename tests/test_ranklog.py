@@ -8,20 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny import ROOT, train
 
 from smollm2.errors import UserError, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def torchrun(data: Path, run: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "smollm2.train",
-           "--config", "configs/tiny.yaml", f"data.path={data}", f"train.run_dir={run}", "data.seq_len=32",
-           "logging.interval=1", "eval.interval=0", "sample.interval=0", *args]
-    return subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    return train(2, run, data, "data.seq_len=32", "logging.interval=1", "eval.interval=0", "sample.interval=0", *args,
+                 check=False, env={**os.environ, **env}, timeout=300)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_failing_rank_leaves_its_traceback_and_is_named_by_torchrun(shakespeare_data, tmp_path):
     run = tmp_path / "run"
     proc = torchrun(shakespeare_data, run, "train.max_steps=6", SMOLLM2_TEST_FAULT="3:1")  # rank 1 at step 3
@@ -38,7 +35,7 @@ def test_a_failing_rank_leaves_its_traceback_and_is_named_by_torchrun(shakespear
     assert "simulated unreadable shard at step 3" in summary and "<N/A>" not in summary.split("Other Failures")[0]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_user_error_prints_one_line_once(shakespeare_data, tmp_path):
     proc = torchrun(shakespeare_data, tmp_path / "run", "train.max_steps=2", "--resume", str(tmp_path / "nope"))
     assert proc.returncode != 0
@@ -50,7 +47,7 @@ def test_a_user_error_prints_one_line_once(shakespeare_data, tmp_path):
 SCRIPT = """
 import os, sys, warnings
 from pathlib import Path
-from smollm2.ranklog import RankLog
+from smollm2.observe.ranklog import RankLog
 log = RankLog.from_env(Path(sys.argv[1]))
 print("to stdout")
 print("to stderr", file=sys.stderr)
@@ -64,6 +61,7 @@ print("after close")
 """
 
 
+@pytest.mark.e2e
 def test_the_log_tees_output_and_warnings_and_appends_per_attempt(tmp_path):
     """Fast, one process: what the console shows stays the same, the file gets it too, plus warnings and the traceback;
     a second attempt appends below its own header (rank, world size, torchrun's restart count from the environment)."""

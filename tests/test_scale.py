@@ -2,7 +2,8 @@
 torchrun agents meeting through a c10d rendezvous on localhost (as on two hosts) computing what one standalone torchrun
 computes, elastic restarts after a `kill -9` that finish the job by themselves, and checkpoints saved in the background.
 
-Every run here uses the same global batch (12 windows of 32 tokens), fp32 and 8 steps, so runs that should agree agree exactly.
+Every run here uses the same global batch (12 windows of 32 tokens), fp32 and 10 steps, so runs that should agree agree
+exactly; the reference is the session's two-rank run.
 `SMOLLM2_CHAOS_RUNS=10 pytest tests/test_scale.py -k elastic` repeats the elastic test with kills at random steps."""
 
 import json
@@ -10,7 +11,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,40 +20,27 @@ from pathlib import Path
 import pytest
 import torch
 from multirank import descendants, kill_tree  # tests/ helper
+from tiny import ROOT, TWO_RANK_RUN, free_port, records, train, trainer
+from tiny import SHAPE as TINY_SHAPE
 
-from smollm2.checkpoint import load_model_for_inference
+from smollm2.serve.loading import load_model_for_inference
 
-pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
-BASE = ["data.seq_len=32", "train.dtype=fp32", "logging.interval=1", "eval.interval=0", "sample.interval=0",
-        "checkpoint.interval=4", "checkpoint.keep_last=0", "data.prefetch=1"]
-SHAPE = {1: ["data.micro_batch=3", "train.grad_accum=4"], 2: ["data.micro_batch=3", "train.grad_accum=2"],
-         3: ["data.micro_batch=2", "train.grad_accum=2"], 4: ["data.micro_batch=3", "train.grad_accum=1"]}
-STEPS = 8
+pytestmark = pytest.mark.e2e
+# The session's two-rank run (tiny.TWO_RANK_RUN) with its evals and samples off (they change no weight) and a checkpoint
+# every 4 steps: what every run here computes, compared with the session run itself over its first STEPS steps.
+BASE = [*TWO_RANK_RUN, "eval.interval=0", "sample.interval=0", "checkpoint.interval=4"]
+SHAPE = {**TINY_SHAPE, 4: ["data.micro_batch=3", "train.grad_accum=1"]}
+STEPS = 10
 WINDOWS_PER_STEP = 12
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
-def trainer(world_size: int, data: Path, run: Path, *extra: str) -> list[str]:
-    return ["-m", "smollm2.train", "--config", "configs/tiny.yaml", *BASE, *SHAPE[world_size], f"data.path={data}",
-            f"train.run_dir={run}", *extra]
-
-
-def run_to_end(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}: {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
-    return proc
+def run_args(world_size: int, data: Path, run: Path, *extra: str) -> list[str]:
+    return trainer(run, data, *BASE, *SHAPE[world_size], *extra)
 
 
 def standalone(nproc: int, data: Path, run: Path, *extra: str) -> subprocess.CompletedProcess:
-    return run_to_end([*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *trainer(nproc, data, run, *extra)])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return train(nproc, run, data, *BASE, *SHAPE[nproc], *extra, timeout=300)
 
 
 def agent_cmds(nodes: int, per_node: int, data: Path, run: Path, *extra: str, max_restarts: int = 0) -> list[list[str]]:
@@ -63,7 +50,7 @@ def agent_cmds(nodes: int, per_node: int, data: Path, run: Path, *extra: str, ma
     return [[*TORCHRUN, f"--nnodes={nodes}", f"--nproc_per_node={per_node}", "--rdzv-backend=c10d",
              f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}", f"--rdzv-conf=is_host={node == 0}",
              "--local-addr=127.0.0.1", f"--max-restarts={max_restarts}",
-             *trainer(nodes * per_node, data, run, *extra)] for node in range(nodes)]
+             *run_args(nodes * per_node, data, run, *extra)] for node in range(nodes)]
 
 
 def start(cmds: list[list[str]], logs: Path) -> list[subprocess.Popen]:
@@ -89,10 +76,6 @@ def finish(procs: list[subprocess.Popen], logs: Path, timeout: float = 300) -> N
         raise AssertionError(f"agent(s) {failed} failed or were still running after {timeout:.0f}s:\n{text}")
 
 
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def last_attempt(run: Path) -> dict[int, dict]:
     """step -> the record the latest attempt wrote for it (a restarted run logs the steps after its checkpoint again)."""
     return {r["step"]: r for r in records(run)}
@@ -116,11 +99,18 @@ def consumed(run: Path, step: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, shakespeare_data) -> Path:
-    """One standalone torchrun, 2 ranks, plain FSDP, no interruption: what every other run here is compared with."""
-    run = tmp_path_factory.mktemp("reference") / "run"
-    standalone(2, shakespeare_data, run, f"train.max_steps={STEPS}")
-    return run
+def reference(two_rank_run) -> Path:
+    """The session's standalone two-rank run, plain FSDP, uninterrupted: what every run here is compared with (its first
+    STEPS steps: `expected`, and its checkpoint at STEPS)."""
+    return two_rank_run
+
+
+def expected(reference: Path) -> list[dict]:
+    return records(reference)[:STEPS]
+
+
+def reference_weights(reference: Path) -> Path:
+    return reference / f"checkpoints/step-{STEPS:06d}"
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +125,8 @@ def hsdp(tmp_path_factory, shakespeare_data) -> Path:
 
 def resume_and_compare(source: Path, step: int, nproc: int, data: Path, run: Path, expected: Path, *extra: str) -> None:
     """Copy `source`'s checkpoint at `step` into a new run, resume it on `nproc` ranks for 2 steps, and compare with what
-    `expected` logged for those steps: the same windows, weights and optimizer moments (fp32 sums in another order:
-    1e-5 relative, as the resume tests at other world sizes in tests/test_train.py)."""
+    `expected` logged for those steps: the same LR, windows, weights and optimizer moments (fp32 sums in another order:
+    the loss within 1e-5 relative). This is how a checkpoint resumes at another world size."""
     (run / "checkpoints").mkdir(parents=True)
     shutil.copytree(source / f"checkpoints/step-{step:06d}", run / f"checkpoints/step-{step:06d}")
     proc = standalone(nproc, data, run, f"train.max_steps={step + 2}", "--resume", "latest", *extra)
@@ -144,9 +134,14 @@ def resume_and_compare(source: Path, step: int, nproc: int, data: Path, run: Pat
     ours, theirs = records(run), last_attempt(expected)
     assert [r["step"] for r in ours] == [step + 1, step + 2]
     for r in ours:
+        assert r["lr"] == theirs[r["step"]]["lr"]
+        # same windows, same parameters (step + 1) and the same optimizer moments (step + 2 follows from them)
         assert r["loss"] == pytest.approx(theirs[r["step"]]["loss"], rel=1e-5, abs=1e-5)
+        # torch's fp32 CPU norm of the 3.2M-element embedding gradient is off by ~4e-4 relative, differently for each
+        # shard split (measured: 1.24711 vs 1.24762 in fp64), so the reported norm agrees only to that precision
         assert r["grad_norm"] == pytest.approx(theirs[r["step"]]["grad_norm"], rel=1e-3)
     assert consumed(run, step + 2) == (step + 2) * WINDOWS_PER_STEP
+    assert json.loads((run / f"checkpoints/step-{step + 2:06d}/meta.json").read_text())["world_size"] == nproc
 
 
 # ---------------------------------------------------------------------------------------------------------------- HSDP
@@ -154,7 +149,7 @@ def resume_and_compare(source: Path, step: int, nproc: int, data: Path, run: Pat
 
 def test_hsdp_trains_like_fsdp(reference, hsdp):
     """The same math as plain FSDP: the gradient is averaged over the same 12 windows either way."""
-    ours, theirs = records(hsdp), records(reference)
+    ours, theirs = records(hsdp), expected(reference)
     assert [r["step"] for r in ours] == list(range(1, STEPS + 1))
     for a, b in zip(ours, theirs):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
@@ -162,21 +157,13 @@ def test_hsdp_trains_like_fsdp(reference, hsdp):
     assert ours[-1]["loss"] < ours[0]["loss"] - 0.3  # it trains
 
 
-@pytest.mark.parametrize("nproc", [1, 2, 3])
+@pytest.mark.parametrize("nproc", [1, 3])  # world sizes other than the 4 that saved it, an odd one among them
 def test_hsdp_checkpoint_resumes_under_fsdp(hsdp, shakespeare_data, tmp_path, nproc):
     resume_and_compare(hsdp, 4, nproc, shakespeare_data, tmp_path / "run", hsdp)
 
 
 def test_fsdp_checkpoint_resumes_under_hsdp(reference, shakespeare_data, tmp_path):
-    resume_and_compare(reference, 4, 4, shakespeare_data, tmp_path / "run", reference, "train.dp_shard=2")
-
-
-def test_dp_shard_must_divide_the_world_size(shakespeare_data, tmp_path):
-    proc = subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node=2",
-                           *trainer(2, shakespeare_data, tmp_path / "run", "train.max_steps=1", "train.dp_shard=3")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "error: train.dp_shard=3 must divide the world size (2)" in proc.stderr
+    resume_and_compare(reference, 10, 4, shakespeare_data, tmp_path / "run", reference, "train.dp_shard=2")
 
 
 # ------------------------------------------------------------------------------------------------- two "nodes", c10d
@@ -185,10 +172,10 @@ def test_dp_shard_must_divide_the_world_size(shakespeare_data, tmp_path):
 def test_two_agents_compute_what_one_standalone_torchrun_does(reference, shakespeare_data, tmp_path):
     run, logs = tmp_path / "run", tmp_path / "logs"
     finish(start(agent_cmds(2, 1, shakespeare_data, run, f"train.max_steps={STEPS}"), logs), logs)
-    ours, theirs = records(run), records(reference)
+    ours, theirs = records(run), expected(reference)
     assert [r["loss"] for r in ours] == [r["loss"] for r in theirs]  # bitwise, fp32
     assert [r["grad_norm"] for r in ours] == [r["grad_norm"] for r in theirs]
-    assert_same_weights(run / "checkpoints/latest", reference / "checkpoints/latest")
+    assert_same_weights(run / "checkpoints/latest", reference_weights(reference))
 
 
 # ---------------------------------------------------------------------------------------------- elastic restarts
@@ -247,8 +234,8 @@ def test_elastic_restart_after_kill_finishes_by_itself(reference, shakespeare_da
     assert steps[-1] == STEPS and set(steps) == set(range(1, STEPS + 1)), (killed_at, steps)
     assert consumed(run, STEPS) == STEPS * WINDOWS_PER_STEP
     final = last_attempt(run)
-    assert [final[s]["loss"] for s in range(1, STEPS + 1)] == [r["loss"] for r in records(reference)]
-    assert_same_weights(run / "checkpoints/latest", reference / "checkpoints/latest")
+    assert [final[s]["loss"] for s in range(1, STEPS + 1)] == [r["loss"] for r in expected(reference)]
+    assert_same_weights(run / "checkpoints/latest", reference_weights(reference))
 
 
 # ------------------------------------------------------------------------------------------ checkpoints in the background
@@ -260,8 +247,8 @@ def test_async_checkpoints_resume_exactly(reference, shakespeare_data, tmp_path)
     assert "writing in the background" in proc.stdout
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["event"] == "checkpoint"] == [2, 4, 6]  # each logged once committed
-    assert_same_weights(run / "checkpoints/step-000004", reference / "checkpoints/step-000004")
+    assert [r["loss"] for r in records(run)] == [r["loss"] for r in expected(reference)[:6]]
     standalone(2, shakespeare_data, run, f"train.max_steps={STEPS}", "checkpoint.interval=2", "checkpoint.async_save=true",
                "--resume", "latest")
-    assert [r["loss"] for r in last_attempt(run).values()] == [r["loss"] for r in records(reference)]
-    assert_same_weights(run / "checkpoints/latest", reference / "checkpoints/latest")
+    assert [r["loss"] for r in last_attempt(run).values()] == [r["loss"] for r in expected(reference)]
+    assert_same_weights(run / "checkpoints/latest", reference_weights(reference))

@@ -5,8 +5,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from smollm2.errors import DataError
-from smollm2.shards import (
+from smollm2.data.shards import (
     HEADER_BYTES,
     MAGIC,
     ShardWriter,
@@ -15,6 +14,7 @@ from smollm2.shards import (
     validate_shard,
     write_shard,
 )
+from smollm2.errors import DataError
 
 
 def write_llmc_shard(path, tokens, magic=20240520, version=1, count=None):
@@ -117,9 +117,9 @@ def test_validate_checks_count_and_sha256(tmp_path):
 
 def test_the_id_scan_reports_the_first_bad_id_in_any_block(tmp_path, monkeypatch):
     """The scan goes block by block (memory stays bounded); the position is the token index in the whole shard."""
-    import smollm2.shards
+    import smollm2.data.shards
 
-    monkeypatch.setattr(smollm2.shards, "_CHECK_BLOCK", 64)
+    monkeypatch.setattr(smollm2.data.shards, "_CHECK_BLOCK", 64)
     tokens = np.arange(1000, dtype=np.uint16) % 50257
     tokens[[700, 900]] = 50258, 65535
     path = tmp_path / "s.bin"

@@ -9,15 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny import ROOT, SMALL, command
 
 from smollm2.checkpoint import list_checkpoints
 from smollm2.errors import STOP_EXIT_CODE, STOP_MARKER
 
-pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.d_mlp=64", "data.seq_len=16",
-         "data.micro_batch=2", "train.grad_accum=1", "train.dtype=fp32", "logging.interval=2", "eval.interval=0",
-         "sample.interval=0", "checkpoint.interval=0", "data.prefetch=0"]
+pytestmark = pytest.mark.e2e
+STOPPABLE = [*SMALL, "logging.interval=2"]  # a stop is taken at a log step
 
 
 def launch_env(nproc: int, phase1: int, phase2: int) -> dict[str, str]:
@@ -81,7 +79,7 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 def train_sh(run: Path, data: Path, nproc: int, phase1: int, phase2: int) -> subprocess.Popen:
-    return subprocess.Popen(["launch/train.sh", "configs/tiny.yaml", *SMALL, f"data.path={data}", f"train.run_dir={run}"],
+    return subprocess.Popen(["launch/train.sh", "configs/tiny.yaml", *STOPPABLE, f"data.path={data}", f"train.run_dir={run}"],
                             cwd=ROOT, env=launch_env(nproc, phase1, phase2), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -105,8 +103,8 @@ def test_usr1_to_torchrun_checkpoints_exits_with_the_stop_code_and_a_rerun_conti
     """torchrun forwards SIGUSR1 (by default it died of it at once, exit 138, orphaning the ranks); train.sh reports the
     stop (torchrun itself exits 1) with the stop code; rerunning train.sh finishes both phases."""
     run = tmp_path / "run"
-    # 100 steps take ~7 s here: the stop (at step ~6, 0.1 s after the signal) comes long before; the rerun stays short.
-    phases = {"nproc": 2, "phase1": 100, "phase2": 102}
+    # the stop (at step ~6, 0.1 s after the signal) comes long before step 60; the rerun stays short
+    phases = {"nproc": 2, "phase1": 60, "phase2": 62}
     proc = train_sh(run, shakespeare_data, **phases)
     wait_for(lambda: logged_steps(run) >= 2, proc, "two logged steps")
     (torchrun,) = children(proc.pid)
@@ -118,11 +116,11 @@ def test_usr1_to_torchrun_checkpoints_exits_with_the_stop_code_and_a_rerun_conti
     out, err = finish(proc)
     assert proc.returncode == STOP_EXIT_CODE, err[-3000:]
     step = assert_stopped(run, err)
-    assert step < 100
+    assert step < 60
     # No rank left running: the workers and torchrun are gone (train.sh waited for torchrun, which reaped them).
     assert [pid for pid in [torchrun, *workers] if alive(pid)] == []
     assert processes_mentioning(str(run)) == []
-    rerun = subprocess.run(["launch/train.sh", "configs/tiny.yaml", *SMALL, f"data.path={shakespeare_data}",
+    rerun = subprocess.run(["launch/train.sh", "configs/tiny.yaml", *STOPPABLE, f"data.path={shakespeare_data}",
                             f"train.run_dir={run}"], cwd=ROOT, env=launch_env(**phases), capture_output=True,
                            text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -154,7 +152,7 @@ def test_usr1_to_train_sh_with_an_old_torchrun_is_passed_on_as_sigterm(shakespea
     run = tmp_path / "run"
     env = launch_env(2, 150, 152)
     env["PATH"] = f"{fake.parent}:{env['PATH']}"
-    proc = subprocess.Popen(["launch/train.sh", "configs/tiny.yaml", *SMALL, f"data.path={shakespeare_data}",
+    proc = subprocess.Popen(["launch/train.sh", "configs/tiny.yaml", *STOPPABLE, f"data.path={shakespeare_data}",
                              f"train.run_dir={run}"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     wait_for(lambda: logged_steps(run) >= 2, proc, "two logged steps")
@@ -182,9 +180,8 @@ def test_signal_during_setup_stops_before_the_first_step_without_a_checkpoint(sh
     """The handlers are installed before data, model and checkpoint setup: a signal then (as soon as the process can
     take it) is not fatal; the run exits with the stop code before its first step and writes no checkpoint."""
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "smollm2.train", "--config", "configs/tiny.yaml", *SMALL,
-                             f"data.path={shakespeare_data}", f"train.run_dir={run}", "train.max_steps=50"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(command(0, run, shakespeare_data, *STOPPABLE, "train.max_steps=50"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for(lambda: handles_usr1(proc.pid), proc, "a SIGUSR1 handler", timeout=60)
     os.kill(proc.pid, signal.SIGUSR1)
     out, err = finish(proc)

@@ -13,7 +13,7 @@ import pytest
 
 from smollm2.checkpoint import list_checkpoints
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
 
 

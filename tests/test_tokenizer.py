@@ -2,7 +2,7 @@ import shutil
 
 import pytest
 
-from smollm2.tokenizer import EOS_ID, PAD_ID, RANKS_PATH, Tokenizer, TokenizerError, get_tokenizer
+from smollm2.data.tokenizer import EOS_ID, PAD_ID, RANKS_PATH, Tokenizer, TokenizerError, get_tokenizer
 
 
 def test_hello_world():

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 from multirank import kill_tree  # tests/ helper
+from tiny import ROOT, command
 
 from smollm2.config import WandbConfig, WandbMode, WandbWatch
 from smollm2.errors import ConfigError
-from smollm2.tracking import wandb_settings
+from smollm2.observe.tracking import wandb_settings
 
 wandb = pytest.importorskip("wandb")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def wandb_records(path: Path, block: int = 32768):
@@ -71,9 +71,8 @@ def offline_runs(run: Path) -> list[Path]:
     return [next(f.glob("*.wandb")) for f in folders]
 
 
-def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "smollm2.train",
-            "--config", "configs/tiny.yaml", *args]
+def torchrun(run: Path, data: Path, *args: str) -> list[str]:
+    return command(2, run, data, *args)
 
 
 def clean_env(tmp_path: Path, **extra: str) -> dict:
@@ -104,6 +103,7 @@ def test_settings_environment_wins_and_auto_needs_no_login(tmp_path):
         wandb_settings(yaml, {**env, "WANDB_LOG_MODEL": "sometimes"})
 
 
+@pytest.mark.e2e
 def test_disabled_imports_nothing_from_wandb(shakespeare_data, tmp_path):
     code = ("import sys; from smollm2.train import main; "
             f"main(['--config', 'configs/tiny.yaml', 'data.path={shakespeare_data}', 'train.run_dir={tmp_path / 'run'}', "
@@ -118,11 +118,11 @@ def test_disabled_imports_nothing_from_wandb(shakespeare_data, tmp_path):
 # ------------------------------------------------------------------------------------------------ what is logged
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_run_logs_everything_the_spec_lists(shakespeare_data, tmp_path):
     run = tmp_path / "run"
     env = clean_env(tmp_path, WANDB_PROJECT="env-project", WANDB_WATCH="gradients", WANDB_LOG_MODEL="checkpoint")
-    proc = subprocess.run(torchrun(f"data.path={shakespeare_data}", f"train.run_dir={run}", "train.max_steps=4",
+    proc = subprocess.run(torchrun(run, shakespeare_data, "train.max_steps=4",
                                    "data.seq_len=32", "logging.interval=2", "eval.interval=2", "sample.interval=4",
                                    "checkpoint.interval=2", "logging.peak_tflops=1", "logging.wandb.mode=auto",
                                    "logging.wandb.project=yaml-project", "logging.wandb.histogram_interval=1"),
@@ -177,24 +177,24 @@ def _kill_after_a_checkpoint(cmd: list[str], env: dict, run: Path, deadline_s: f
             time.sleep(0.05)
         raise AssertionError("no step was logged past a checkpoint in time")
     finally:
-        kill_tree(proc.pid)  # the agent and every worker, at once: a crash of the node
+        kill_tree(proc.pid)  # the run and anything it started, at once: a crash of the node
         proc.wait(timeout=30)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_crash_resume_records_every_step_that_ran(shakespeare_data, tmp_path):
     run = tmp_path / "run"
-    common = [f"data.path={shakespeare_data}", f"train.run_dir={run}", "data.seq_len=32", "logging.interval=1",
+    common = ["data.seq_len=32", "logging.interval=1",
               "eval.interval=0", "sample.interval=0", "checkpoint.interval=4", "checkpoint.keep_last=10",
               "logging.wandb.mode=offline", "logging.wandb.project=test"]
     env = clean_env(tmp_path)
-    _kill_after_a_checkpoint(torchrun(*common, "train.max_steps=40"), env, run)
+    _kill_after_a_checkpoint(command(0, run, shakespeare_data, *common, "train.max_steps=40"), env, run)
     killed_at = json.loads((run / "metrics.jsonl").read_text().splitlines()[-2])["step"]
     assert killed_at < 12  # the rerun below trains again what the killed attempt had logged
     for steps in (12, 14):  # the rerun (phase 1 to its end), then phase 2
-        proc = subprocess.run(torchrun(*common, f"train.max_steps={steps}", "--resume", "latest"), cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
+        cmd = command(0, run, shakespeare_data, *common, f"train.max_steps={steps}", "--resume", "latest")
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     ids = {json.loads(p.read_text())["logger_run_id"] for p in (run / "checkpoints").glob("step-*/train_state.json")}

@@ -6,12 +6,11 @@
 The embedding table is stored padded to a multiple of 128 rows (50,258 -> 50,304) for even FSDP shards and fast matmuls;
 the padded logits are set to -inf, so they never carry probability mass in the loss and are never sampled.
 
-`python -m smollm2.model --config configs/smollm2_135.yaml` prints the parameter table.
+`python -m smollm2.model --config configs/smollm2_135.yaml` prints the parameter table (`parameter_table`).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Callable
 
@@ -19,10 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from smollm2.config import Attention as AttentionBackend
-from smollm2.config import ModelConfig, load_config
-from smollm2.loss import linear_cross_entropy
-from smollm2.rotary import apply_rope, left_padding, rope_cos_sin
+from smollm2.config import AttentionBackend, ModelConfig
+from smollm2.model.loss import linear_cross_entropy
+from smollm2.model.rotary import apply_rope, left_padding, rope_cos_sin
 
 try:  # optional: flash-attn has no wheels; SDPA already picks flash/cuDNN kernels on GPUs
     from flash_attn import flash_attn_func  # type: ignore[import-not-found]
@@ -84,7 +82,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0, mask: torch.Tensor | None = None):
         B, T, C = x.shape
         # 3 x [B, H, T, D]; split + transpose (not one permute of [B, T, 3, H, D]: the same values, and a cheaper
-        # compiled backward for RoPE and the split, bench/NOTES.md v4)
+        # compiled backward for RoPE and the split: docs/performance.md, "q, k, v: split + transpose")
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in self.qkv(x).split(C, dim=2))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
@@ -168,7 +166,7 @@ class SmolLM(nn.Module):
         self.head.weight = self.embed.weight  # tied
         self.compiled_loss = compiled_loss
         # RoPE tables (fp32, positions 0..max_seq_len-1; buffers, not saved), sliced by forward. Computed in forward inside
-        # a compiled graph, they cost ~9% of the CPU host proxy's step (recomputed per block in the backward; NOTES v4).
+        # a compiled graph, they were recomputed per block in the backward (docs/performance.md, "RoPE tables as buffers").
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self._fill_rope_tables()
@@ -293,21 +291,3 @@ def parameter_table(cfg: ModelConfig) -> list[tuple[str, int]]:
     ]
     assert rows[-2][1] == embed_logical + count(model.blocks) + count(model.norm)
     return rows
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m smollm2.model", description="Print the parameter table.")
-    parser.add_argument("--config", default="configs/smollm2_135.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides).model
-    print(f"{'component':<48} {'parameters':>14}")
-    for name, n in parameter_table(cfg):
-        print(f"{name:<48} {n:>14,}")
-    return 0
-
-
-if __name__ == "__main__":
-    from smollm2.errors import run_cli
-
-    run_cli(main)

@@ -86,7 +86,7 @@ def group_grad_norms(model: torch.nn.Module) -> dict[str, float]:
 
 def _abs_max(parts: list[torch.Tensor]) -> torch.Tensor:
     """max |x| over the tensors, from one min/max pass each: `aminmax` is vectorized and allocates nothing, where
-    `t.abs().max()` writes a full-size temporary (~5x slower on CPU at the seed shape)."""
+    `t.abs().max()` writes a full-size temporary and is slower (docs/performance.md, "Gradient flow")."""
     return torch.stack([torch.stack(torch.aminmax(t)).abs().max() for t in parts]).max()
 
 

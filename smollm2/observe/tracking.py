@@ -78,7 +78,7 @@ def wandb_settings(cfg: WandbConfig, environ=os.environ) -> WandbSettings:
     return WandbSettings(mode=mode, project=environ.get("WANDB_PROJECT") or cfg.project,
                          entity=environ.get("WANDB_ENTITY") or cfg.entity, name=environ.get("WANDB_NAME") or cfg.name,
                          watch=env("WANDB_WATCH", _WATCH, str(cfg.watch)),
-                         log_model=env("WANDB_LOG_MODEL", LOG_MODEL_CHOICES, str(cfg.log_model)),
+                         log_model=env("WANDB_LOG_MODEL", LOG_MODEL_CHOICES, LOG_MODEL_CHOICES[str(cfg.log_model).lower()]),
                          histogram_interval=cfg.histogram_interval, reason=reason)
 
 
@@ -103,8 +103,9 @@ class WandbSink:
             self.run.define_metric(f"{prefix}/*", step_metric="train/step")
         self.run.define_metric("samples", step_metric="train/step")
         self.samples: list[list[Any]] = []
-        # Checkpoint artifacts are checksummed (md5 of every file, ~1.4 s per GB) on one background thread so that
-        # training goes on meanwhile; the run itself is only touched from the main thread (see _flush_artifacts).
+        # Checkpoint artifacts are checksummed (md5 of every file: docs/observe.md, "Checkpoints as artifacts") on one
+        # background thread so that training goes on meanwhile; the run itself is only touched from the main thread
+        # (see _flush_artifacts).
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wandb-artifact")
         self._pending: list[tuple[Future, dict[str, Any]]] = []
         if settings.mode == "offline":

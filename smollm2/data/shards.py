@@ -81,8 +81,8 @@ def open_shard(path: str | Path, vocab_size: int | None = None) -> np.memmap:
 def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str) -> None:
     """DataError at the first token id >= vocab_size, naming it and its position (token index in the shard).
 
-    Scanned in blocks, so a memmap is never read whole into memory: ~0.06 s per GB from the page cache, ~0.5-1.2 s per
-    GB from disk (measured on a 1 GB shard, 2-core VM)."""
+    Scanned in blocks, so a memmap is never read whole into memory; it costs about one read of the data (docs/data.md,
+    "Checks on open")."""
     for start in range(0, len(tokens), _CHECK_BLOCK):
         block = np.asarray(tokens[start : start + _CHECK_BLOCK])
         if block.size and int(block.max()) >= vocab_size:
@@ -106,8 +106,8 @@ class ShardWriter:
     """Stream tokens into `<path>.tmp`; `close()` writes the header, renames to `path` and returns (count, sha256).
 
     The sha256 covers the whole file, header first. The header holds the count, which is known only at the end, and a
-    digest cannot be started before its first bytes, so close() hashes the finished file in one pass from the page cache
-    (about 1 s per GB, against minutes to tokenize that much).
+    digest cannot be started before its first bytes, so close() hashes the finished file in one pass from the page cache:
+    a small cost next to tokenizing that much (docs/data.md, "The shard format and the manifest").
     """
 
     def __init__(self, path: str | Path, vocab_size: int = 65536):

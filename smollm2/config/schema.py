@@ -1,23 +1,14 @@
-"""Configuration: one dataclass per component, loaded from a YAML preset plus `key=value` overrides.
+"""The configuration schema: one dataclass per component, each with the `check` of its own values.
 
-    cfg = load_config("configs/tiny.yaml", ["train.max_steps=7", "optim.lr=1e-3"])
-
-Unknown keys and wrong types raise ConfigError naming the key (and the closest valid one); impossible values are rejected by
-`validate` with a one-line reason. The resolved config is plain data: `to_dict(cfg)` / `to_yaml(cfg)` for saving.
+Loading (YAML presets, `key=value` overrides, saved configs) is in smollm2/config/loading.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import typing
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Any
-
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from smollm2.errors import ConfigError
 
@@ -33,7 +24,7 @@ class Choice(str, Enum):
         return format(self.value, spec)
 
 
-class Attention(Choice):
+class AttentionBackend(Choice):
     auto = "auto"  # flash_attn if importable on CUDA, else SDPA (which already picks flash/cuDNN kernels on GPUs)
     sdpa = "sdpa"
     flash_attn = "flash_attn"
@@ -62,8 +53,8 @@ class Device(Choice):
 class FsdpWrap(Choice):
     """FSDP2 units. The checkpoint format is the same for all three."""
 
-    auto = "auto"  # no FSDP2 at world size 1 (sharding saves nothing there; its host work is ~1/3 of a host-bound
-    # step, bench/NOTES.md v3): the plain model with the same bf16 casts, bitwise; block otherwise
+    auto = "auto"  # no FSDP2 at world size 1 (sharding saves nothing there, and its host work slows a host-bound step:
+    # docs/performance.md, "FSDP2 at world size 1"): the plain model with the same bf16 casts, bitwise; block otherwise
     block = "block"  # each block, plus a root unit for embedding, final norm and tied head
     root = "root"  # one unit: one all-gather per micro-step, one reduce-scatter per step, fewest host-side hooks
 
@@ -112,6 +103,11 @@ def _non_negative(section: Any, prefix: str, *names: str) -> None:
         _require(value >= 0, prefix + name, f"must be >= 0 (got {value})")
 
 
+def _may_differ_on_resume(default: Any) -> Any:
+    """A model setting that no parameter's shape or meaning depends on: a checkpoint resumes under another value."""
+    return field(default=default, metadata={"may_differ_on_resume": True})
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 50258  # GPT-2's 50,257 + one pad token
@@ -120,13 +116,13 @@ class ModelConfig:
     n_head: int = 12
     d_model: int = 768
     d_mlp: int = 3072
-    # The longest sequence the model is used for (training windows, prompt + generated tokens). No tensor depends on it
-    # (RoPE angles are computed per position), so a checkpoint resumes under another value.
-    max_seq_len: int = 2048
+    # The longest sequence the model is used for (training windows, prompt + generated tokens). No parameter depends on it
+    # (the RoPE tables are buffers, not saved), so a checkpoint resumes under another value.
+    max_seq_len: int = _may_differ_on_resume(2048)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
-    init_std: float = 0.02
-    attention: Attention = Attention.auto
+    init_std: float = _may_differ_on_resume(0.02)  # used only to initialize
+    attention: AttentionBackend = _may_differ_on_resume(AttentionBackend.auto)
 
     def check(self) -> None:
         _positive(self, "model.", "vocab_size", "pad_vocab_multiple", "n_layer", "n_head", "d_model", "d_mlp",
@@ -134,6 +130,10 @@ class ModelConfig:
         _require(self.d_model % self.n_head == 0, "model.d_model",
                  f"({self.d_model}) must be divisible by model.n_head ({self.n_head})")
         _require((self.d_model // self.n_head) % 2 == 0, "model.d_model / model.n_head", "(head dim) must be even for RoPE")
+
+
+# The model keys a resume may change; every other one must match the checkpoint's (checkpoint.manager checks).
+MAY_DIFFER_ON_RESUME = frozenset(f.name for f in dataclasses.fields(ModelConfig) if f.metadata.get("may_differ_on_resume"))
 
 
 @dataclass
@@ -159,8 +159,8 @@ class TrainConfig:
     grad_accum: int = 4
     activation_checkpointing: Recompute = Recompute.none
     compile: bool | None = None  # null = auto: on for CUDA, off for CPU
-    # Compiled graphs launch their kernels from generated C++ instead of Python: less host time per step (CPU host proxy:
-    # +7-9%, bench/NOTES.md v4), a longer first compile. null = auto: on for CPU; off for CUDA until measured there.
+    # Compiled graphs launch their kernels from generated C++ instead of Python: less host time per step, a longer first
+    # compile (docs/performance.md, "The C++ wrapper"). null = auto: on for CPU; off for CUDA until measured there.
     cpp_wrapper: bool | None = None
     device: Device = Device.auto
     reshard_after_forward: bool = True
@@ -169,7 +169,7 @@ class TrainConfig:
     # in the group, then all-reduced across groups). 0 = all ranks, plain FSDP. On a cluster: the GPUs of one node.
     dp_shard: int = 0
     # The gradients' dtype on the wire (reduce-scatter / all-reduce) under train.dtype=bf16: fp32 is exact, bf16 halves the
-    # bytes and rounds each rank's contribution (bench/NOTES.md, "Multi-node").
+    # bytes and rounds each rank's contribution (docs/scale.md, "HSDP").
     reduce_dtype: Dtype = Dtype.fp32
     # How long any collective (and joining the process group) may wait for the other ranks before it fails with an error
     # naming the operation, instead of hanging. A first checkpoint of the seed model on slow shared storage can take
@@ -265,7 +265,7 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
-    """The WANDB_* environment variables win over these keys (WandB's own convention): see tracking.wandb_settings."""
+    """The WANDB_* environment variables win over these keys (WandB's own convention): see smollm2/observe/tracking.py."""
 
     mode: WandbMode = WandbMode.disabled
     project: str = "smollm2"
@@ -277,10 +277,8 @@ class WandbConfig:
 
     def check(self) -> None:
         _positive(self, "logging.wandb.", "histogram_interval")
-        value = str(self.log_model).lower()
-        _require(value in LOG_MODEL_CHOICES, "logging.wandb.log_model",
+        _require(str(self.log_model).lower() in LOG_MODEL_CHOICES, "logging.wandb.log_model",
                  f"must be one of false, true, checkpoint, end (got {self.log_model!r})")
-        self.log_model = LOG_MODEL_CHOICES[value]
 
 
 @dataclass
@@ -313,131 +311,3 @@ class Config:
             section.check()
         _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
                  f"({self.data.seq_len}) must be <= model.max_seq_len ({self.model.max_seq_len})")
-
-
-# ---------------------------------------------------------------------------------------------------------------- loading
-
-
-def _valid_keys(cls: type, prefix: str = "") -> dict[str, bool]:
-    """Every dotted key of the schema -> whether it is a section (a nested dataclass)."""
-    keys: dict[str, bool] = {}
-    for f in dataclasses.fields(cls):
-        name = prefix + f.name
-        sub = f.default_factory
-        nested = isinstance(sub, type) and dataclasses.is_dataclass(sub)
-        keys[name] = nested
-        if nested:
-            keys.update(_valid_keys(sub, name + "."))
-    return keys
-
-
-_KEYS = _valid_keys(Config)
-
-
-def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    if isinstance(tree, dict):
-        out: list[tuple[str, Any]] = []
-        for k, v in tree.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, dict) and _KEYS.get(key, False):
-                out.extend(_flatten(v, key + "."))
-            else:
-                out.append((key, v))
-        return out
-    return [(prefix.rstrip("."), tree)]
-
-
-def _check_key(key: str, where: str) -> None:
-    if key in _KEYS and not _KEYS[key]:
-        return
-    if key in _KEYS:  # a section given a scalar
-        raise ConfigError(f"{where}: '{key}' is a section, not a value; set one of its keys, e.g. '{key}.<name>=...'")
-    close = difflib.get_close_matches(key, [k for k, nested in _KEYS.items() if not nested], n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else "; see smollm2/config.py for the valid keys"
-    raise ConfigError(f"{where}: unknown config key '{key}'{hint}")
-
-
-def _field_type(key: str) -> Any:
-    """The schema's type of a dotted key (None if it is not a field)."""
-    cls: Any = Config
-    for part in key.split("."):
-        types = {f.name: f.type for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
-        if part not in types:
-            return None
-        cls = typing.get_type_hints(cls)[part]
-    return cls
-
-
-def _bad_value(key: str, err: Exception) -> str:
-    """One line naming the key and what it accepts."""
-    kind = _field_type(key)
-    value = getattr(err, "value", None)
-    if isinstance(kind, type) and issubclass(kind, Choice):
-        return f"invalid config: {key} must be one of {', '.join(c.value for c in kind)} (got {value!r})"
-    if kind == (bool | None):
-        return f"invalid config: {key} must be true, false or null (null = auto) (got {value!r})"
-    return f"bad value for '{key}': {str(err).splitlines()[0]}"
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML preset <- `key=value` overrides, then validation."""
-    schema = OmegaConf.structured(Config)
-    layers = []
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = OmegaConf.to_container(OmegaConf.load(path)) or {}
-        except OmegaConfBaseException as err:  # YAML syntax
-            raise ConfigError(f"{path}: cannot parse YAML: {err}") from None
-        except Exception as err:  # noqa: BLE001 - yaml.YAMLError and friends
-            raise ConfigError(f"{path}: cannot parse YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, train:, ...)")
-        for key, _ in _flatten(raw):
-            _check_key(key, str(path))
-        layers.append((str(path), OmegaConf.create(raw)))
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.max_steps=100)")
-        key = item.split("=", 1)[0].strip().lstrip("+")
-        _check_key(key, "command line")
-        try:
-            layers.append((f"override '{item}'", OmegaConf.from_dotlist([item.lstrip("+")])))
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"override '{item}': {str(err).splitlines()[0]}") from None
-    merged = schema
-    for where, layer in layers:
-        try:
-            merged = OmegaConf.merge(merged, layer)
-        except OmegaConfBaseException as err:
-            key = getattr(err, "full_key", None) or "?"
-            raise ConfigError(f"{where}: {_bad_value(key, err)}") from None
-    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: Config) -> None:
-    """Every constraint of every section (each sits next to its fields, in the section's `check`)."""
-    cfg.check()
-
-
-# ---------------------------------------------------------------------------------------------------------------- output
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain data (choices as their strings): for JSON, meta.json and WandB."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)  # type: ignore[return-value]
-
-
-def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
-    """A checkpoint's saved model section (keys this version does not know are ignored), typed like a loaded config."""
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), {k: v for k, v in data.items() if k in known})
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]

@@ -17,7 +17,7 @@ from tiktoken.load import load_tiktoken_bpe
 
 from smollm2.errors import UserError
 
-RANKS_PATH = Path(__file__).parent / "assets" / "gpt2.tiktoken"
+RANKS_PATH = Path(__file__).parents[1] / "assets" / "gpt2.tiktoken"
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 # GPT-2's split pattern (tiktoken's r50k_base / gpt2).
 R50K_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""

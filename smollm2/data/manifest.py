@@ -1,6 +1,6 @@
 """The dataset manifest: `manifest.json` in a prepared dataset directory, and the marker of an unfinished prep.
 
-A prepared directory holds `train_*.bin` / `val_*.bin` shards (smollm2/shards.py) and this manifest. data_prep writes the
+A prepared directory holds `train_*.bin` / `val_*.bin` shards (smollm2/data/shards.py) and this manifest. data_prep writes the
 manifest last, atomically, listing only complete shards; while it is (re)writing a directory it keeps INCOMPLETE_MARKER
 there, so a directory holding the marker and no manifest is an interrupted prep, not a dataset.
 

@@ -1,0 +1,125 @@
+"""Where a run's checkpoints live, how they are named, and which of them count.
+
+    <run_dir>/checkpoints/step-000500/    one checkpoint (see smollm2/checkpoint/__init__.py for its files)
+    <run_dir>/checkpoints/.tmp-step-*/    a save in progress (or one that was killed): never loaded
+    <run_dir>/checkpoints/latest          a symlink to the newest complete checkpoint (a convenience: the scan decides)
+
+A checkpoint is complete when it holds its COMPLETE marker, meta.json and DCP's .metadata. `CheckpointStorage` is the
+directory as the checkpoint manager sees it: its listing and the files a commit writes. On a cluster one node's listing
+can be stale (NFS caches directory attributes), so only rank 0's is ever used for a decision; tests give a rank a stale
+listing by subclassing it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from smollm2.errors import CheckpointError
+from smollm2.files import atomic_write_json, write_synced
+
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+COMPLETE = "COMPLETE"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step of a checkpoint directory (`.../step-000500` -> 500; a `latest` symlink -> its target's step)."""
+    path = Path(path)
+    match = STEP_DIR.match(path.name) or STEP_DIR.match(path.resolve().name)
+    if match is None:
+        raise CheckpointError(f"{path} is not a checkpoint directory (expected a step-NNNNNN name)")
+    return int(match.group(1))
+
+
+class CheckpointStorage:
+    """A run's checkpoint directory: what its listing holds, and the synced writes a commit makes in it."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def is_complete(self, path: Path) -> bool:
+        return (path / COMPLETE).is_file() and (path / "meta.json").is_file() and (path / ".metadata").is_file()
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """(step, path) of every complete checkpoint, oldest first (numerically: step-1000000 after step-999999)."""
+        found = []
+        if self.root.is_dir():
+            for child in self.root.iterdir():
+                match = STEP_DIR.match(child.name)
+                if match and child.is_dir() and not child.is_symlink() and self.is_complete(child):
+                    found.append((int(match.group(1)), child))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        found = self.complete()
+        return found[-1][1] if found else None
+
+    def write_file(self, path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+        """Create `path` with `write(file)` and fsync it."""
+        write_synced(path, write)
+
+    def write_json(self, path: Path, data: Any) -> None:
+        """Write `data` as JSON atomically (old or new, never partial), fsynced."""
+        atomic_write_json(path, data)
+
+
+def is_complete(path: Path) -> bool:
+    return CheckpointStorage(path.parent).is_complete(path)
+
+
+def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ckpt_root, oldest first."""
+    return CheckpointStorage(ckpt_root).complete()
+
+
+def find_latest(ckpt_root: Path) -> Path | None:
+    return CheckpointStorage(ckpt_root).latest()
+
+
+def resolve(spec: str, ckpt_root: Path) -> Path | None:
+    """`latest` -> the newest complete checkpoint under ckpt_root (None if there is none yet); a path -> that checkpoint
+    (a run directory or a checkpoints directory means its latest). Raises CheckpointError for a bad path."""
+    if spec == "latest":
+        return find_latest(ckpt_root)
+    path = Path(spec)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.name == "latest" or not (path / ".metadata").exists():
+        for root in (path, path / "checkpoints", path.parent if path.name == "latest" else None):
+            if root is not None and (latest := find_latest(root)) is not None:
+                return latest
+        if not (path / ".metadata").exists():
+            raise CheckpointError(f"{path} holds no complete checkpoint (expected a step-NNNNNN directory)")
+    if not is_complete(path):
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE} marker: a save was interrupted)")
+    return path.resolve()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is unreadable: {err}") from None
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    return _read_json(path / "meta.json")
+
+
+def read_train_state(path: Path) -> dict[str, Any]:
+    return _read_json(path / "train_state.json")
+
+
+def is_final(path: Path) -> bool:
+    """Whether meta.json marks the checkpoint as a run's final one (train.max_steps reached): never pruned."""
+    try:
+        return json.loads((path / "meta.json").read_text()).get("final") is True
+    except (OSError, ValueError, AttributeError):
+        return False

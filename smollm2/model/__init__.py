@@ -1,0 +1,6 @@
+"""The transformer (model.py), its rotary position embeddings (rotary.py) and its fused LM-head loss (loss.py). It knows
+nothing of sharding, recompute or compile: smollm2/parallelize.py decides those."""
+
+from smollm2.model.model import KVCache, SmolLM, padded_vocab_size, parameter_table
+
+__all__ = ["KVCache", "SmolLM", "padded_vocab_size", "parameter_table"]

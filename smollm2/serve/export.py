@@ -1,0 +1,292 @@
+"""Ship a checkpoint: a Hugging Face `transformers` folder, one consolidated safetensors file, or a Space.
+
+    python -m smollm2.export --checkpoint runs/x/checkpoints/latest --out export/hf                    # transformers
+    python -m smollm2.export --checkpoint runs/x --out export/st --format safetensors                  # our names
+    python -m smollm2.export --checkpoint runs/x --out export/space --format space [--push user/space] # Gradio Space
+
+`hf` is GPT-NeoX, which `transformers` loads with no custom code. Our model is GPT-NeoX's sequential-residual variant:
+rotate-half RoPE over the whole head dim, LayerNorm with bias, biases on every linear, tied embeddings, tanh GELU. Only
+the fused QKV rows need regrouping (ours are [all q | all k | all v], NeoX's per head [q k v]), and the storage padding
+of the vocabulary is stripped (50,258 rows). The activation is "gelu_pytorch_tanh", i.e. the very `F.gelu(approximate=
+"tanh")` call our MLP makes ("gelu_new" is the same function written out in Python ops, 1e-7 apart): fp32 logits agree
+exactly. Every folder is written under a temporary name beside OUT and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from smollm2.checkpoint import read_meta, resolve
+from smollm2.config import Config, ModelConfig, to_yaml
+from smollm2.data.tokenizer import EOS_ID, PAD_ID
+from smollm2.errors import UserError
+from smollm2.files import read_jsonl
+from smollm2.serve.loading import INFO_FILE, is_safetensors_export, load_model_for_inference
+
+FORMATS = ("hf", "safetensors", "space")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The spec's sampling defaults; pad suppressed because our sampler never emits it either.
+GENERATION = {"do_sample": True, "temperature": 1.0, "top_k": 50, "top_p": 0.95, "max_new_tokens": 100,
+              "bos_token_id": EOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "suppress_tokens": [PAD_ID]}
+SPACE_APP = Path(__file__).with_name("space_app.py")
+
+
+class ExportError(UserError):
+    pass
+
+
+def _log(message: str) -> None:
+    print(f"export: {message}", file=sys.stderr, flush=True)
+
+
+def neox_config(cfg: ModelConfig, dtype: str = "fp32"):
+    """The GPT-NeoX config that computes what our model computes (every default that matters set explicitly)."""
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+        intermediate_size=cfg.d_mlp, hidden_act="gelu_pytorch_tanh", max_position_embeddings=cfg.max_seq_len,
+        layer_norm_eps=cfg.norm_eps, use_parallel_residual=False, tie_word_embeddings=True, attention_bias=True,
+        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta), "partial_rotary_factor": 1.0},
+        attention_dropout=0.0, hidden_dropout=0.0, bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+        use_cache=True, dtype="bfloat16" if dtype == "bf16" else "float32", architectures=["GPTNeoXForCausalLM"])
+
+
+def neox_state_dict(model, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict in GPT-NeoX's names and layouts (the tied LM head is stored once, as the input embedding)."""
+    ours = model.state_dict()
+    H, D, C = cfg.n_head, cfg.d_model // cfg.n_head, cfg.d_model
+    out = {"gpt_neox.embed_in.weight": ours["embed.weight"][: cfg.vocab_size],
+           "gpt_neox.final_layer_norm.weight": ours["norm.weight"], "gpt_neox.final_layer_norm.bias": ours["norm.bias"]}
+    for i in range(cfg.n_layer):
+        o, n = f"blocks.{i}.", f"gpt_neox.layers.{i}."
+        # ours: output rows (3, H, D) = [q heads | k heads | v heads]; NeoX views them as (H, 3 * D) = per head [q k v]
+        qkv_w = ours[o + "attn.qkv.weight"].view(3, H, D, C).transpose(0, 1).reshape(3 * C, C)
+        qkv_b = ours[o + "attn.qkv.bias"].view(3, H, D).transpose(0, 1).reshape(3 * C)
+        pairs = {"input_layernorm": "norm1", "post_attention_layernorm": "norm2", "attention.dense": "attn.proj",
+                 "mlp.dense_h_to_4h": "mlp.fc", "mlp.dense_4h_to_h": "mlp.proj"}
+        for theirs, mine in pairs.items():
+            out[f"{n}{theirs}.weight"], out[f"{n}{theirs}.bias"] = ours[f"{o}{mine}.weight"], ours[f"{o}{mine}.bias"]
+        out[n + "attention.query_key_value.weight"], out[n + "attention.query_key_value.bias"] = qkv_w, qkv_b
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def find_hf_folder(spec: str | Path) -> Path | None:
+    """SPEC itself if it is a `transformers` export, or its `model/` if it is a Space folder; None otherwise."""
+    for folder in (Path(spec), Path(spec) / "model"):
+        if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
+            return folder
+    return None
+
+
+def run_info(spec: str) -> tuple[Path, dict]:
+    """The checkpoint a spec means (or a `safetensors` export folder), and what the card shows: tokens seen and the
+    run's val loss at that step (the last eval at or before it in <run_dir>/eval.jsonl; None without one)."""
+    if is_safetensors_export(Path(spec)):
+        saved = json.loads((Path(spec) / INFO_FILE).read_text()) if (Path(spec) / INFO_FILE).is_file() else {}
+        return Path(spec), {"source_checkpoint": saved.get("source_checkpoint", str(Path(spec).resolve())),
+                            "val_loss": saved.get("val_loss"), "tokens_seen": saved.get("tokens_seen")}
+    if (Path(spec) / "config.json").is_file():
+        raise ExportError(f"{spec} is already a transformers export; pass a checkpoint, a run directory or a "
+                          "safetensors export")
+    path = resolve(str(spec), Path(spec))
+    if path is None:
+        raise ExportError(f"no complete checkpoint under {spec}")
+    info: dict = {"source_checkpoint": str(path), "val_loss": None, "tokens_seen": None}
+    if (path / "train_state.json").is_file():
+        info["tokens_seen"] = json.loads((path / "train_state.json").read_text()).get("tokens_seen")
+    evals = path.parent.parent / "eval.jsonl"  # <run_dir>/checkpoints/step-N -> <run_dir>/eval.jsonl
+    if evals.is_file():
+        step = int(read_meta(path)["step"])
+        before = [r for r in read_jsonl(evals) if r["step"] <= step and "val_loss" in r]  # torn lines skipped
+        info["val_loss"] = before[-1]["val_loss"] if before else None
+    return path, info
+
+
+def _model_card(cfg: Config, info: dict) -> str:
+    m, o = cfg.model, cfg.optim
+    val = f"{info['val_loss']:.4f}" if info.get("val_loss") is not None else "n/a"
+    tokens = f"{info['tokens_seen']:,}" if info.get("tokens_seen") is not None else "n/a"
+    return f"""---
+library_name: transformers
+license: mit
+pipeline_tag: text-generation
+tags: [smollm2, gpt-neox, causal-lm, pretraining, rope]
+---
+
+# SmolLM2 ({info['n_params']:,} parameters), step {info['step']:,}
+
+A GPT-2-small-style decoder with rotary position embeddings, pretrained with smollm2 (FSDP2) and exported as GPT-NeoX,
+so `transformers` loads it with no custom code (no `trust_remote_code`).
+
+| | |
+|---|---|
+| parameters | {info['n_params']:,} |
+| layers / width / heads | {m.n_layer} / {m.d_model} / {m.n_head} x {m.d_model // m.n_head} |
+| MLP | {m.d_model} -> {m.d_mlp} -> {m.d_model}, GELU (tanh) |
+| context | {m.max_seq_len:,} tokens, RoPE (theta {m.rope_theta:g}, whole head dim) |
+| vocabulary | {m.vocab_size:,} (GPT-2 BPE + `<|pad|>` = {PAD_ID}; EOS = {EOS_ID}) |
+| training | step {info['step']:,}, {tokens} tokens seen, {cfg.train.dtype} compute |
+| optimizer | AdamW, lr {o.lr:g}, betas {o.beta1:g}/{o.beta2:g}, weight decay {o.weight_decay:g}, clip {o.grad_clip:g} |
+| schedule | {o.schedule}, warmup {o.warmup_steps}, horizon {o.decay_steps}, floor {o.min_lr_ratio:g} x lr |
+| batch per step | {cfg.data.micro_batch} x {cfg.train.grad_accum} (x ranks) windows of {cfg.data.seq_len} tokens |
+| final val loss | {val} |
+| weights | {info['dtype']} |
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained("PATH_OR_REPO")
+model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO")
+ids = tok("To be, or not to be", return_tensors="pt").input_ids
+print(tok.decode(model.generate(ids)[0]))  # generation_config.json: T 1.0, top-k 50, top-p 0.95, 100 new tokens
+```
+"""
+
+
+def _write_hf(out: Path, model, cfg: Config, info: dict, dtype: str) -> None:
+    from transformers import GenerationConfig, GPTNeoXForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from smollm2.serve.hf_tokenizer import save_hf_tokenizer
+
+    hf_logging.disable_progress_bar()
+    config = neox_config(cfg.model, dtype)
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in GPTNeoXForCausalLM(config).parameters())  # the tied head counted once
+    if n_params != model.num_params():
+        raise ExportError(f"the GPT-NeoX config has {n_params:,} parameters, the checkpoint {model.num_params():,}")
+    hf = GPTNeoXForCausalLM(config)
+    missing, unexpected = hf.load_state_dict(neox_state_dict(model, cfg.model), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise ExportError(f"the weights do not map onto GPT-NeoX: missing {missing}, unexpected {unexpected}")
+    hf.tie_weights()
+    _log(f"writing {n_params:,} parameters ({dtype}) as GPT-NeoX to {out.name}/model.safetensors")
+    hf.to(DTYPES[dtype]).save_pretrained(str(out))
+    config_file = out / "config.json"  # transformers 4.x reads the rotary settings under their old names
+    saved = json.loads(config_file.read_text())
+    saved.update(rotary_pct=1.0, rotary_emb_base=float(cfg.model.rope_theta))
+    config_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    GenerationConfig(**GENERATION).save_pretrained(str(out))
+    took = save_hf_tokenizer(out, cfg.model.max_seq_len)
+    _log(f"tokenizer.json built from the bundled BPE ranks ({took:.1f}s)")
+    (out / "README.md").write_text(_model_card(cfg, info))
+    (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _write_space(out: Path, model, cfg: Config, info: dict, dtype: str) -> None:
+    import gradio
+
+    if not SPACE_APP.is_file():
+        raise ExportError(f"{SPACE_APP} is missing: reinstall the package (pip install -e .)")
+    _write_hf(out / "model", model, cfg, info, dtype)
+    shutil.copyfile(SPACE_APP, out / "app.py")
+    (out / "requirements.txt").write_text("gradio\ntransformers\ntorch\nsafetensors\n")
+    (out / "README.md").write_text(f"""---
+title: SmolLM2 step {info['step']}
+emoji: 📜
+colorFrom: indigo
+colorTo: gray
+sdk: gradio
+sdk_version: {gradio.__version__}
+app_file: app.py
+pinned: false
+license: mit
+---
+
+SmolLM2 ({info['n_params']:,} parameters, step {info['step']:,}): type a prompt, get a sampled continuation. The model
+is in `model/` (a `transformers` GPT-NeoX folder with its own model card). Locally: `pip install -r requirements.txt &&
+python app.py`.
+""")
+    (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def write_safetensors(out: Path, model, cfg: Config, info: dict, dtype: str) -> None:
+    """Our own parameter names, the padded table as stored (so the round trip is bit-exact), the tied head once;
+    `load_model_for_inference(out)` reads it back. `info` needs at least the step."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in model.state_dict().items() if k != "head.weight"}
+    _log(f"writing {len(state)} tensors ({dtype}) to {out.name}/model.safetensors")
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "step": str(info["step"])})
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def export(spec: str, out: str | Path, fmt: str = "hf", dtype: str = "fp32", force: bool = False) -> Path:
+    """Write the export of the checkpoint `spec` to `out` and return `out`. Refuses a non-empty `out` unless `force`."""
+    if fmt not in FORMATS or dtype not in DTYPES:
+        raise ExportError(f"format must be one of {', '.join(FORMATS)} and dtype one of {', '.join(DTYPES)}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ExportError(f"{out} exists and is not empty: choose another --out, or pass --force to replace it")
+    path, info = run_info(spec)
+    _log(f"loading {path}")
+    model, cfg, step = load_model_for_inference(path)
+    info.update(step=step, n_params=model.num_params(), max_seq_len=cfg.model.max_seq_len, format=fmt, dtype=dtype)
+    tmp, old = out.parent / f".tmp-{out.name}", out.parent / f".old-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
+    tmp.mkdir(parents=True)
+    try:
+        {"hf": _write_hf, "safetensors": write_safetensors, "space": _write_space}[fmt](tmp, model, cfg, info, dtype)
+        if out.exists():  # --force: the old folder is moved aside, not deleted, until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    _log(f"{fmt} ({dtype}) of step {step} written to {out}")
+    return out
+
+
+def push(out: Path, repo_id: str, fmt: str) -> None:
+    """Upload the folder to the Hugging Face Hub: needs network and a token (`hf auth login` or HF_TOKEN)."""
+    from huggingface_hub import HfApi
+
+    repo_type = "space" if fmt == "space" else "model"
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, repo_type=repo_type, exist_ok=True, space_sdk="gradio" if fmt == "space" else None)
+        api.upload_folder(folder_path=str(out), repo_id=repo_id, repo_type=repo_type)
+    except Exception as err:  # noqa: BLE001 - offline, no token, no permission: one line; the folder stays
+        raise ExportError(f"push to {repo_id} failed ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}); "
+                          f"the export is complete in {out}: log in (hf auth login) or go online, then "
+                          f"`hf upload {repo_id} {out} --repo-type {repo_type}`") from None
+    _log(f"pushed {out} to https://huggingface.co/{'spaces/' if fmt == 'space' else ''}{repo_id}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m smollm2.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint dir, .../checkpoints/latest, or a run dir")
+    parser.add_argument("--out", required=True, help="the folder to write (absent or empty, or pass --force)")
+    parser.add_argument("--format", default="hf", choices=FORMATS)
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--push", metavar="REPO_ID", help="then upload to the Hugging Face Hub (user/name)")
+    args = parser.parse_args(argv)
+    if args.push is not None:  # checked before the export, which takes a while
+        if args.push.count("/") != 1:
+            raise ExportError(f"--push takes a repo id like user/name (got {args.push!r})")
+        from huggingface_hub import get_token
+
+        if get_token() is None:
+            raise ExportError("--push needs a Hugging Face token: `hf auth login`, or set HF_TOKEN")
+    out = export(args.checkpoint, args.out, args.format, args.dtype, args.force)
+    if args.push:
+        push(out, args.push, args.format)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    from smollm2.errors import run_cli
+
+    run_cli(main)
