@@ -95,7 +95,7 @@ def test_batched_sampling_equals_one_by_one_with_the_same_seeds(model):
     assert generate_batch(model, [extra, PROMPTS[2]], SAMPLED, seeds=[5, 13])[1] == batched[2]
 
 
-def test_kv_cache_equals_full_recompute_for_a_batch(model):
+def test_kv_cache_with_left_padded_rows_equals_full_recompute(model):
     for cfg in (GREEDY, SAMPLED):
         assert generate_batch(model, PROMPTS, cfg, use_cache=True) == generate_batch(model, PROMPTS, cfg, use_cache=False)
 

@@ -90,9 +90,10 @@ def _train(rank: int, dtype: str, compile_: bool):
     env = DistEnv(rank, dist.get_world_size(), rank, torch.device("cpu"))
     out = {}
     for wrap in ("auto", "root"):
-        # the C++ wrapper launches the same kernels (bitwise, both layouts alike): off here, for a shorter cold compile
-        cfg = load_config(ROOT / "configs/tiny.yaml", ["train.device=cpu", f"train.dtype={dtype}", "train.cpp_wrapper=false",
-                                                        f"train.fsdp_wrap={wrap}", f"train.compile={str(compile_).lower()}"])
+        # one block and no C++ wrapper (it launches the same kernels, bitwise, both layouts alike): a shorter cold compile
+        cfg = load_config(ROOT / "configs/tiny.yaml", ["model.n_layer=1", "train.device=cpu", f"train.dtype={dtype}",
+                                                        "train.cpp_wrapper=false", f"train.fsdp_wrap={wrap}",
+                                                        f"train.compile={str(compile_).lower()}"])
         model = build_model(cfg, env)
         assert any(isinstance(p, DTensor) for p in model.parameters()) == (wrap == "root")
         optimizer = build_optimizer(model, cfg.optim, env.device)
