@@ -170,12 +170,12 @@ def barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
-def _shareable(err: Exception) -> tuple[type | None, str]:
+def _shareable(err: BaseException) -> tuple[type | None, str]:
     """(a UserError's class, its message), or (None, "Type: first line") for any other error (a bug)."""
     return (type(err), str(err)) if isinstance(err, UserError) else (None, one_line(err))
 
 
-def _raise_shared(kind: type | None, message: str, rank: int, own: Exception | None) -> None:
+def _raise_shared(kind: type | None, message: str, rank: int, own: BaseException | None) -> None:
     """The agreed error on this rank: a UserError as its class and message (so every rank's reads the same); any other as
     a RuntimeError naming the rank it happened on, caused by this rank's own exception where it had one."""
     if kind is not None:
@@ -191,8 +191,10 @@ def rank0_decides(decide: Callable[[], T], group=None) -> T:
     if rank == 0:
         try:
             result = decide()
-        except Exception as err:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
-            failure, shared = err, _shareable(err)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # noqa: BLE001 - every rank must hear of it, or the others wait forever (DCP's
+            failure, shared = err, _shareable(err)  # CheckpointException is a BaseException)
     if world > 1:
         box = [result, shared]
         dist.broadcast_object_list(box, src=0, group=group)
@@ -214,8 +216,10 @@ def every_rank(work: Callable[[], T], cleanup: Callable[[], None] | None = None,
     result, failure, shared = None, None, (None, None)
     try:
         result = work()
-    except Exception as err:  # noqa: BLE001 - shared below, then raised on every rank
-        failure, shared = err, _shareable(err)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001 - shared below, then raised on every rank (DCP's CheckpointException
+        failure, shared = err, _shareable(err)  # is a BaseException)
     outcomes: list[Any] = [(result, shared)]
     if world > 1:
         outcomes = [None] * world

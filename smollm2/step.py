@@ -60,7 +60,8 @@ def weights_finite(parameters) -> bool:
     """Collective: whether every parameter, on every rank (each its local shards), holds only finite values."""
     local = [p.to_local() if isinstance(p, DTensor) else p for p in parameters]
     checks = [torch.isfinite(t).all() for t in local if t.numel()]
-    finite = (torch.stack(checks).all() if checks else torch.ones((), dtype=torch.bool)).float()
+    device = local[0].device if local else torch.device("cpu")
+    finite = (torch.stack(checks).all() if checks else torch.ones((), dtype=torch.bool, device=device)).float()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite.item())

@@ -121,6 +121,11 @@ class Run:
         resumed_from = self._resume()
         if env.is_main:  # only now: a refused start (bad data, another model shape) leaves the run's config as it was
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        m = cfg.model
+        self.throughput = Throughput(self.tokens_per_step,
+                                     flops_per_token(self.model.num_params(), m.n_layer, m.n_head, m.d_model // m.n_head,
+                                                     data.seq_len),
+                                     device_peak_tflops(env.device, cfg.logging.peak_tflops), env.world_size)
         self._open_sinks(resumed_from)
         self._announce()
 
@@ -171,11 +176,6 @@ class Run:
             self.metrics.log("event", {"event": "restart", "step": state.step, "from_checkpoint": resumed_from.name,
                                        "time": time.time()})
         self.flow = GradientFlow(rank0_decides(lambda: watching(wandb_sink)), cfg.logging.wandb.histogram_interval)
-        m, seq_len = cfg.model, cfg.data.seq_len
-        self.throughput = Throughput(self.tokens_per_step,
-                                     flops_per_token(self.model.num_params(), m.n_layer, m.n_head, m.d_model // m.n_head,
-                                                     seq_len),
-                                     device_peak_tflops(env.device, cfg.logging.peak_tflops), env.world_size)
 
     def _announce(self) -> None:
         cfg, env = self.cfg, self.env
@@ -213,12 +213,12 @@ class Run:
     def save(self, grad_norm: torch.Tensor) -> None:
         """A checkpoint of this step; never of a diverged state (the good ones before it are kept)."""
         step = self.state.step
-        norm = _value(grad_norm)
-        if not math.isfinite(norm) or not weights_finite(self.model.parameters()):
+        norm, finite_weights = _value(grad_norm), weights_finite(self.model.parameters())  # the same on every rank
+        self.committed()  # the previous save (in the background) held a good state: it is kept either way
+        if not math.isfinite(norm) or not finite_weights:
             what = f"gradient norm is {norm}" if not math.isfinite(norm) else "the weights hold NaN or infinite values"
             raise TrainingDiverged(f"{what} at step {step}; not checkpointing. The last good checkpoint is kept in "
                                    f"{self.run_dir / 'checkpoints'}")
-        self.committed()
         start = time.perf_counter()
         final = step >= self.cfg.train.max_steps  # the run's last checkpoint: kept forever, never rotated by keep_last
         path = self.checkpointer.save(step, self.parts(), self.cfg, final=final)

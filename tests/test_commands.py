@@ -52,3 +52,12 @@ def test_the_launch_scripts_parse():
     for script in ("launch/train.sh", "launch/demo.sh", "launch/env.sh", "launch/slurm.sbatch"):
         proc = subprocess.run(["bash", "-n", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, (script, proc.stderr)
+
+
+@pytest.mark.parametrize("module", ["data_prep.prep", "smollm2.checkpoint.__main__"])
+def test_data_prep_and_the_checkpoint_cli_start_without_torch(module):
+    """Preparing data needs no torch; the checkpoint CLI, which the launch scripts run before and after every phase,
+    answers in a fraction of a second."""
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stdout + proc.stderr

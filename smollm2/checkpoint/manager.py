@@ -87,6 +87,7 @@ class Checkpointer:
     def __init__(self, ckpt_root: str | Path, keep_last: int, rank: int, world_size: int, keep_every: int = 0,
                  async_save: bool = False, storage: CheckpointStorage | None = None):
         self.storage = storage or CheckpointStorage(ckpt_root)
+        assert self.storage.root == Path(ckpt_root), (self.storage.root, ckpt_root)
         self.root = self.storage.root
         self.keep_last, self.keep_every, self.rank, self.world_size = keep_last, keep_every, rank, world_size
         self.async_save = async_save

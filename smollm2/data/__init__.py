@@ -2,6 +2,17 @@
 training windows in one global deterministic order (loader.py); the tokenizer (tokenizer.py) that made them."""
 
 from smollm2.data.dataset import Dataset
-from smollm2.data.loader import TrainLoader, ValWindows
+
+# The loader (torch) is imported on first use: data prep (`python -m data_prep`) reads and writes shards without torch.
+_LOADER = {"TrainLoader", "ValWindows"}
+
+
+def __getattr__(name: str):
+    if name in _LOADER:
+        from smollm2.data import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module 'smollm2.data' has no attribute {name!r}")
+
 
 __all__ = ["Dataset", "TrainLoader", "ValWindows"]

@@ -6,7 +6,7 @@ tokens of lower rank, found by running BPE over its bytes with only the ranks be
 make the `tokenizers` BPE produce tiktoken's ids (tests/test_export.py checks it on mixed text). No network, no cache:
 everything is written into the export folder.
 
-    python -m smollm2.serve.hf_tokenizer OUT_DIR     writes tokenizer.json, tokenizer_config.json, special_tokens_map.json
+    python -m smollm2.hf_tokenizer OUT_DIR     writes tokenizer.json, tokenizer_config.json, special_tokens_map.json
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def save_hf_tokenizer(out_dir: str | Path, model_max_length: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m smollm2.serve.hf_tokenizer", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m smollm2.hf_tokenizer", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--model-max-length", type=int, default=2048)
     args = parser.parse_args(argv)
