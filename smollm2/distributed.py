@@ -56,8 +56,13 @@ def init_distributed(device_pref: Device | str = Device.auto, timeout_minutes: f
     """Join (or, for a plain `python -m`, create) the process group and pick this rank's device. `timeout_minutes`
     (train.dist_timeout_min) bounds joining the group and every collective after it: a rank left waiting for another
     fails with an error naming the operation instead of hanging."""
-    # Not under torchrun / srun: a process group of one, on an in-process store (nothing to listen on, no environment set).
+    # Not under torchrun: a process group of one, on an in-process store (nothing to listen on, no environment set).
     alone = "RANK" not in os.environ
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    if alone and tasks > 1:  # `srun -n N python -m smollm2.train`: N processes that would each be rank 0 of one
+        raise UserError(f"started by srun as task {os.environ.get('SLURM_PROCID', '?')} of {tasks} without torchrun: every "
+                        "task would train alone as rank 0 and write the same checkpoints; launch with "
+                        "`sbatch launch/slurm.sbatch` (one torchrun per node), or run torchrun under srun yourself")
     rank, world_size = (0, 1) if alone else (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
     local_rank = 0 if alone else int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = device_pref == Device.cuda or (device_pref == Device.auto and torch.cuda.is_available())
@@ -177,10 +182,11 @@ def _shareable(err: BaseException) -> tuple[type | None, str]:
 
 def _raise_shared(kind: type | None, message: str, rank: int, own: BaseException | None) -> None:
     """The agreed error on this rank: a UserError as its class and message (so every rank's reads the same); any other as
-    a RuntimeError naming the rank it happened on, caused by this rank's own exception where it had one."""
-    if kind is not None:
-        raise kind(message) from own
-    raise RuntimeError(f"rank {rank}: {message}") from own
+    a RuntimeError naming the rank it happened on, caused by this rank's own exception where it had one. Marked `agreed`:
+    every rank raises it at this same point (what may still run collectives afterwards, e.g. the end of a save)."""
+    err = kind(message) if kind is not None else RuntimeError(f"rank {rank}: {message}")
+    err.agreed = True  # type: ignore[attr-defined]
+    raise err from own
 
 
 def rank0_decides(decide: Callable[[], T], group=None) -> T:
@@ -204,6 +210,7 @@ def rank0_decides(decide: Callable[[], T], group=None) -> T:
         return result  # type: ignore[return-value]
     barrier(group)  # every rank has the message before any of them raises (and tears the group down)
     if failure is not None:
+        failure.agreed = True  # type: ignore[attr-defined]
         raise failure
     _raise_shared(kind, message, 0, None)
     raise AssertionError("unreachable")

@@ -13,6 +13,8 @@ from collections.abc import Callable
 # Exit status of a run stopped by SIGTERM / SIGUSR1 after its checkpoint (or before its first step): not a failure,
 # rerun to continue. 75 is EX_TEMPFAIL ("try again later"). launch/train.sh exits with it; launch/slurm.sbatch requeues.
 STOP_EXIT_CODE = 75
+# A second Ctrl-C: the run ends at once, without a checkpoint (128 + SIGINT, what a shell reports for it).
+INTERRUPTED_EXIT_CODE = 130
 # Written to <run_dir> by rank 0 on such a stop (with the step): torchrun reports any non-zero worker exit as its own
 # exit 1, so the launch scripts read this marker to tell a stop from a failure.
 STOP_MARKER = "STOPPED"
@@ -43,7 +45,10 @@ class CheckpointError(UserError):
 
 
 class TrainingDiverged(UserError):
-    """The loss, the gradient norm or the weights became NaN or infinite: the run stops without checkpointing them."""
+    """The loss, the gradient norm or the weights became NaN or infinite: the run stops without checkpointing them. Every
+    rank meets it at the same step (the values it checks are the same on every rank)."""
+
+    agreed = True
 
 
 def one_line(err: BaseException) -> str:
@@ -69,5 +74,5 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
+        sys.exit(INTERRUPTED_EXIT_CODE)
     sys.exit(code or 0)

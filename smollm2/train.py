@@ -229,12 +229,21 @@ class Run:
         if not self.checkpointer.async_save:
             self.committed()
 
-    def committed(self) -> None:
+    def committed(self, timeout: float | None = None) -> None:
         """Collective: wait for the background save (if any), then record the saves that are committed."""
-        self.checkpointer.wait()
+        self.checkpointer.wait(timeout)
         for event in self.in_flight:
             self.metrics.log("event", {**event, "time": time.time()})
         self.in_flight.clear()
+
+    def settle(self) -> None:
+        """On the way out after an error: commit the save in flight (bounded by train.dist_timeout_min); its own failure
+        is a warning, the error that ended the run stays the one reported."""
+        try:
+            self.committed(timeout=60 * self.cfg.train.dist_timeout_min)
+        except Exception as err:  # noqa: BLE001 - reported, not raised: the run's own error follows
+            print(f"warning: the checkpoint being written in the background was not committed: {err}", file=sys.stderr,
+                  flush=True)
 
     def stopped(self) -> None:
         """End the run on a stop request: its save committed, the marker left for the launch scripts."""
@@ -251,6 +260,12 @@ def train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainSt
     run = Run(cfg, env, stop or StopRequest())
     try:
         _loop(run)
+    except BaseException as err:
+        # An error every rank meets at the same point (a divergence, an agreed checkpoint or data error), or any at world
+        # size 1: the save in flight in the background held a good state; it is committed before the run ends.
+        if env.world_size == 1 or getattr(err, "agreed", False):
+            run.settle()
+        raise
     finally:
         run.close()
     return run.state

@@ -97,3 +97,28 @@ def test_checkpoint_step(tmp_path):
     for bad in (tmp_path / f".tmp-{step_dir_name(5)}", tmp_path / "step-12", tmp_path):
         with pytest.raises(CheckpointError, match="not a checkpoint directory"):
             checkpoint_step(bad)
+
+
+def test_latest_step_verify_skips_a_damaged_newest(cli, tmp_path):
+    """What launch/slurm.sbatch asks: the newest checkpoint whose files check out (a damaged final checkpoint used to be
+    reported, and then taken as verified)."""
+    ckpts = tmp_path / "run" / "checkpoints"
+    fake_checkpoint(ckpts, step_dir_name(10))
+    damaged = fake_checkpoint(ckpts, step_dir_name(20))
+    (damaged / "meta.json").write_text('{"step": 20, "files": {".metadata": {"bytes": 7, "sha256": "0"}}}')
+    assert cli("latest-step", tmp_path / "run").stdout == "20\n"
+    checked = cli("latest-step", "--verify", tmp_path / "run")
+    assert checked.returncode == 0 and checked.stdout == "10\n", checked.stderr
+    assert f"warning: skipping {damaged} is damaged: .metadata has 0 bytes, 7 were written" in checked.stderr
+
+
+def test_a_meta_json_that_is_not_an_object_is_reported_and_list_goes_on(cli, tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    fake_checkpoint(ckpts, step_dir_name(10))
+    odd = fake_checkpoint(ckpts, step_dir_name(20))
+    (odd / "meta.json").write_text("[1, 2]")
+    listed = cli("list", tmp_path / "run")
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == ["10", "20"]
+    assert f"unreadable: {odd}/meta.json is unreadable: a JSON list, not an object" in listed.stdout
+    assert_one_line_error(cli("verify", tmp_path / "run", "20"), f"{odd}/meta.json is unreadable: a JSON list")

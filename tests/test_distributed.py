@@ -39,6 +39,20 @@ def test_device_index_is_local_rank_modulo_visible_gpus():
         device_index(0, 0)
 
 
+def test_srun_without_torchrun_is_refused(monkeypatch):
+    """`srun -n 2 python -m smollm2.train`: no RANK, so each task would be rank 0 of a world of one, racing the other on
+    the same checkpoint directories."""
+    from smollm2.distributed import init_distributed
+    from smollm2.errors import UserError
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    with pytest.raises(UserError, match=r"^started by srun as task 1 of 2 without torchrun: .* launch/slurm.sbatch"):
+        init_distributed("cpu")
+    assert not dist.is_initialized()
+
+
 # ------------------------------------------------------------------------------------------------- placement table
 
 

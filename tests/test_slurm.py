@@ -1,7 +1,10 @@
 """launch/slurm.sbatch on a real (local) SLURM cluster of two nodes (two slurmd daemons on this machine): one torchrun per
 node meeting through c10d, both phases verified; a preemption signal makes the ranks checkpoint and the job requeue itself
-and resume. Skips where no cluster answers (tests/slurm/local_cluster.sh)."""
+and resume. Skips where no cluster answers (tests/slurm/local_cluster.sh). The checks a requeued job makes before it
+trains run anywhere, with SLURM's commands stood in for."""
 
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from smollm2.checkpoint import list_checkpoints
+from smollm2.checkpoint import COMPLETE, list_checkpoints, step_dir_name
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,3 +84,32 @@ def test_sbatch_phases_with_preemption_and_requeue(shakespeare_data, tmp_path):
     assert "(restart 1)" in output and f"resumed from {run}/checkpoints/step-{stopped:06d} at step {stopped}" in output
     assert "=== both phases verified ===" in output
     assert [step for step, _ in list_checkpoints(run / "checkpoints")][-2:] == [20, 22]  # both complete
+
+
+def test_a_requeued_job_checks_a_phase_it_finished_before_again(tmp_path):
+    """A job requeued after phase 1 ended finds step 6 (phase 2's) complete and checks phase 1's step 4 again, instead of
+    taking it as done: a damaged step 4 fails the job, naming it (it used to pass as "phase 1: already at step 4", and
+    the job reported both phases verified). SLURM's commands are stand-ins that fail if training is started."""
+    ckpts = tmp_path / "run" / "checkpoints"
+    for step, files in ((4, {".metadata": {"bytes": 7, "sha256": "0"}}), (6, {})):
+        path = ckpts / step_dir_name(step)
+        path.mkdir(parents=True)
+        (path / ".metadata").write_bytes(b"")
+        (path / "meta.json").write_text(json.dumps({"step": step, "world_size": 1, "files": files}))
+        (path / COMPLETE).write_text(f"{step}\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("scontrol", 'case "$1 $2" in "show hostnames") echo n1 ;; *) echo "NodeName=n1 NodeAddr=n1" ;; '
+                                    "esac"),
+                       ("srun", "echo 'srun: training started' >&2; exit 1")):
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "PHASE1_STEPS": "4",
+           "PHASE2_STEPS": "6", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_SUBMIT_DIR": str(ROOT)}
+    proc = subprocess.run(["bash", "launch/slurm.sbatch", "configs/tiny.yaml", f"train.run_dir={tmp_path / 'run'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"error: {ckpts / step_dir_name(4)} is damaged: .metadata has 0 bytes, 7 were written" in proc.stderr
+    assert "FAILED: phase 1 verification" in proc.stderr
+    assert "already at step" not in proc.stdout and "verified" not in proc.stdout and "srun" not in proc.stderr

@@ -3,6 +3,7 @@ the golden loss curve, the cadences, eval across ranks, bitwise resume, interrup
 divergence never reaching a checkpoint, compiled blocks. (Resuming at other world sizes: tests/test_scale.py.)"""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,9 +22,9 @@ pytestmark = pytest.mark.e2e
 GOLDEN = json.loads((ROOT / "tests/fixtures/golden_loss_tiny_fp32.json").read_text())
 
 
-def train(nproc: int, run_dir: Path, data: Path, *extra: str, check: bool = True):
+def train(nproc: int, run_dir: Path, data: Path, *extra: str, check: bool = True, env: dict | None = None):
     """The session run's settings (tiny.TWO_RANK_RUN) at nproc ranks (0: one plain process), the same global batch."""
-    return launch(nproc, run_dir, data, *TWO_RANK_RUN, *SHAPE[max(nproc, 1)], *extra, check=check)
+    return launch(nproc, run_dir, data, *TWO_RANK_RUN, *SHAPE[max(nproc, 1)], *extra, check=check, env=env)
 
 
 def test_the_loss_curve_is_the_golden_one(two_rank_run):
@@ -134,6 +135,18 @@ def test_no_checkpoint_ever_holds_non_finite_weights(shakespeare_data, tmp_path,
     for step, path in [(int(p.name[5:]), p) for p in (run / "checkpoints").glob("step-*")]:
         model, _, _ = load_model_for_inference(path)
         assert all(torch.isfinite(p).all() for p in model.parameters()), step
+
+
+def test_an_error_right_after_a_background_save_still_commits_it(shakespeare_data, tmp_path):
+    """checkpoint.async_save: step 2 goes to the background, then step 3 fails (an unreadable shard). The run still
+    ends with an error, but only after step 2 is committed: it held a good state (it used to be thrown away)."""
+    run = tmp_path / "run"
+    proc = train(0, run, shakespeare_data, *SMALL, "train.max_steps=6", "checkpoint.interval=2",
+                 "checkpoint.async_save=true", check=False, env={**os.environ, "SMOLLM2_TEST_FAULT": "3:0"})
+    assert proc.returncode != 0 and "simulated unreadable shard at step 3" in proc.stderr, proc.stderr[-3000:]
+    assert find_latest(run / "checkpoints") == run / "checkpoints/step-000002" and not list(run.glob("checkpoints/.tmp-*"))
+    assert cli("smollm2.checkpoint", "verify", run, "2").returncode == 0
+    assert [e["step"] for e in records(run, "events.jsonl") if e["event"] == "checkpoint"] == [2]
 
 
 @pytest.mark.compile

@@ -18,6 +18,7 @@ import torch.distributed.checkpoint as dcp
 from smollm2.checkpoint.integrity import written_files
 from smollm2.checkpoint.save import SaveJob
 from smollm2.distributed import every_rank
+from smollm2.errors import CheckpointError
 
 
 def host_stager():
@@ -62,8 +63,11 @@ class BackgroundSave:
         except BaseException as err:  # noqa: BLE001 - raised in the training thread by result()
             self.error = err
 
-    def result(self) -> Path:
-        self.thread.join()
+    def result(self, timeout: float | None = None) -> Path:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise CheckpointError(f"the checkpoint of step {self.job.step} was still being written after {timeout:.0f} s "
+                                  f"(train.dist_timeout_min); it is not committed ({self.job.tmp})")
         if self.error is not None:
             raise self.error
         return self.job.target

@@ -13,13 +13,15 @@ listing by subclassing it.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 from smollm2.errors import CheckpointError
-from smollm2.files import atomic_write_json, write_synced
+from smollm2.files import atomic_write_json, fsync_dir, write_synced
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 COMPLETE = "COMPLETE"
@@ -69,6 +71,36 @@ class CheckpointStorage:
         """Write `data` as JSON atomically (old or new, never partial), fsynced."""
         atomic_write_json(path, data)
 
+    def set_aside(self, path: Path, name: str) -> Path:
+        """Rename `path` to `name` in this directory (`name-2`, `-3`, ... if taken), durably; returns the new path. A name
+        that does not match step-NNNNNN is never listed as a checkpoint again, and nothing is deleted."""
+        new, n = self.root / name, 1
+        while new.exists() or new.is_symlink():
+            n += 1
+            new = self.root / f"{name}-{n}"
+        os.rename(path, new)
+        fsync_dir(self.root)
+        return new
+
+    def remove(self, path: Path) -> None:
+        """Delete a checkpoint: its COMPLETE marker first, so that a deletion cut short leaves an incomplete directory,
+        never a complete-looking damaged one."""
+        (path / COMPLETE).unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+
+    def point_latest(self) -> Path | None:
+        """Point `latest` at the newest complete checkpoint (remove it if there is none), atomically; returns it."""
+        newest, link, tmp_link = self.latest(), self.root / "latest", self.root / ".latest.tmp"
+        if tmp_link.is_symlink() or tmp_link.exists():
+            tmp_link.unlink()
+        if newest is None:
+            link.unlink(missing_ok=True)
+        else:
+            tmp_link.symlink_to(newest.name)
+            os.replace(tmp_link, link)
+        fsync_dir(self.root)
+        return newest
+
 
 def is_complete(path: Path) -> bool:
     return CheckpointStorage(path.parent).is_complete(path)
@@ -104,9 +136,12 @@ def resolve(spec: str, ckpt_root: Path) -> Path | None:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # ValueError: JSONDecodeError, or bytes that are not UTF-8
         raise CheckpointError(f"{path} is unreadable: {err}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is unreadable: a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def read_meta(path: Path) -> dict[str, Any]:

@@ -8,14 +8,20 @@ A run hands the manager its stateful parts (each with `state_dict` / `load_state
 "model" is written sharded by DCP (every rank its part; DCP reshards on load, so a checkpoint resumes at any world
 size); every other part as JSON in train_state.json: "train" at its top level, the others under their names.
 
-Retention: checkpoints at multiples of `keep_every` and each run's final one are kept forever; only the others rotate
-under `keep_last`.
+The lifecycle (docs/checkpoints.md, "What is guaranteed"):
+- Resuming sets aside what would otherwise be mistaken for this run's line: `--resume latest` renames a damaged newer
+  checkpoint to `.damaged-step-N` (named in a warning) and takes the one before it; a resume from an older checkpoint
+  moves the newer ones into `abandoned-after-step-N/`. So every complete checkpoint left is of the line this run
+  continues, and nothing is deleted.
+- A save is skipped only at the step of the checkpoint this run resumed from; any other complete checkpoint at that step
+  is replaced (the old one removed only after the new one is committed).
+- Retention never deletes the checkpoint just written: checkpoints at multiples of `keep_every` and each run's final one
+  are kept forever; only the others rotate under `keep_last`. `latest` is pointed after retention, at one that exists.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,9 +34,18 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from smollm2.checkpoint.background import BackgroundSave, host_stager, start_write
 from smollm2.checkpoint.integrity import damaged, problems, verify_files
-from smollm2.checkpoint.layout import COMPLETE, CheckpointStorage, is_final, read_meta, read_train_state, resolve
+from smollm2.checkpoint.layout import (
+    CheckpointStorage,
+    checkpoint_step,
+    is_final,
+    read_meta,
+    read_train_state,
+    resolve,
+    step_dir_name,
+)
 from smollm2.checkpoint.rng import load_rng
 from smollm2.checkpoint.save import SaveJob, root_cause, warn
+from smollm2.checkpoint.trust import TrustedPlanner, TrustedReader
 from smollm2.config import MAY_DIFFER_ON_RESUME, Config, to_dict
 from smollm2.distributed import every_rank, rank0_decides
 from smollm2.errors import CheckpointError
@@ -76,6 +91,8 @@ def check_model_matches(meta: dict[str, Any], cfg: Config, path: Path) -> None:
 def load_failure(path: Path, err: BaseException) -> CheckpointError:
     """What DCP raised, as one line naming the checkpoint (the first rank's error, not every rank's traceback)."""
     err = root_cause(err)
+    if isinstance(err, CheckpointError):  # ours, raised inside DCP's load (an untrusted byte item)
+        return err
     lines = str(err).strip().splitlines()
     detail = lines[0][:300] if lines else "no message (a truncated or damaged file?)"
     return CheckpointError(f"cannot load {path}: {type(err).__name__}: {detail}")
@@ -95,6 +112,7 @@ class Checkpointer:
         self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
         self._pending: BackgroundSave | None = None
         self._stager = host_stager() if async_save else None
+        self.loaded: Path | None = None  # the checkpoint this run resumed from: a save at its step is already done
 
     # ---------------------------------------------------------------------------------------------------- resume
 
@@ -121,16 +139,39 @@ class Checkpointer:
             found = self.storage.complete()
             for _, path in reversed(found):
                 if not (wrong := self._problems(path)):
+                    self.storage.point_latest()
                     return str(path)
-                warn(f"skipping {path}: {'; '.join(wrong)}; trying the checkpoint before it")
+                aside = self.storage.set_aside(path, f".damaged-{path.name}")
+                warn(f"skipping {path}: {'; '.join(wrong)}; set aside as {aside.name}, trying the checkpoint before it")
             if found:
-                raise CheckpointError(f"every checkpoint under {self.root} is damaged (see the warnings above); restore "
-                                      "one from a copy, or start a new train.run_dir")
+                self.storage.point_latest()
+                raise CheckpointError(f"every checkpoint under {self.root} is damaged (see the warnings above; they are set "
+                                      "aside as .damaged-step-*); restore one from a copy, or start a new train.run_dir")
             return None
         path = resolve(spec, self.root)
         if wrong := self._problems(path):
             raise damaged(path, wrong)
+        self._abandon_newer_than(checkpoint_step(path))
         return str(path)
+
+    def _abandon_newer_than(self, step: int) -> None:  # rank 0
+        """Resuming from `step` while this run directory holds newer complete checkpoints: they belong to a line this run
+        leaves. Moved (not deleted) into one folder, so that no save of this run is mistaken for them or rotated out in
+        their favour, and `latest` names this run's line."""
+        newer = [path for s, path in self.storage.complete() if s > step]
+        if not newer:
+            return
+        folder = self.storage.root / f"abandoned-after-{step_dir_name(step)}"
+        n = 1
+        while folder.exists():
+            n += 1
+            folder = self.storage.root / f"abandoned-after-{step_dir_name(step)}-{n}"
+        folder.mkdir()
+        for path in newer:
+            os.rename(path, folder / path.name)
+        self.storage.point_latest()
+        warn(f"resuming from step {step}: the newer checkpoints {', '.join(p.name for p in newer)} are moved to "
+             f"{folder} (move them back into {self.root} to continue that line instead)")
 
     @staticmethod
     def _problems(path: Path) -> list[str]:
@@ -154,7 +195,8 @@ class Checkpointer:
         self.wait()  # one save at a time: the previous one is committed (or has failed) before this one starts
         train_state = {**parts["train"].state_dict(), **{name: part.state_dict() for name, part in parts.items()
                                                           if name not in ("model", "train")}}
-        job = SaveJob(self.storage, step, train_state, cfg, final, self.rank, self.world_size, on_commit=self.prune)
+        job = SaveJob(self.storage, step, train_state, cfg, final, self.rank, self.world_size, on_commit=self.prune,
+                      loaded=self.loaded)
         if job.prepare():
             return job.target
         if not self.async_save:
@@ -166,25 +208,26 @@ class Checkpointer:
         self._pending = BackgroundSave(job, futures[0], self._group)
         return job.target
 
-    def wait(self) -> Path | None:
-        """Collective with `async_save`: wait until the background save (if any) is committed; returns its directory.
-        Raises its failure (the same CheckpointError on every rank). Without `async_save`, nothing to wait for."""
+    def wait(self, timeout: float | None = None) -> Path | None:
+        """Collective with `async_save`: wait (up to `timeout` seconds) until the background save (if any) is committed;
+        returns its directory. Raises its failure (the same CheckpointError on every rank). Without `async_save`, nothing
+        to wait for."""
         pending, self._pending = self._pending, None
-        return None if pending is None else pending.result()
+        return None if pending is None else pending.result(timeout)
 
     def kept_forever(self, step: int, path: Path) -> bool:
         """Milestones (multiples of keep_every) and each run's final checkpoint: a later phase's preemption saves must
         not rotate them out (launch/train.sh, rerun, checks phase 1's final step again)."""
         return (self.keep_every > 0 and step % self.keep_every == 0) or is_final(path)
 
-    def prune(self) -> None:  # rank 0, after a commit
+    def prune(self, written: Path) -> None:  # rank 0, after the commit of `written`
+        """keep_last rotation: the newest `keep_last` of the rotating checkpoints stay, and `written` whatever it is."""
         if self.keep_last <= 0:
             return
         rotating = [path for step, path in self.storage.complete() if not self.kept_forever(step, path)]
         for path in rotating[: -self.keep_last]:
-            # the marker first: a deletion cut short leaves an incomplete directory, never a complete-looking damaged one
-            (path / COMPLETE).unlink(missing_ok=True)
-            shutil.rmtree(path, ignore_errors=True)
+            if path != written:
+                self.storage.remove(path)
 
     # ------------------------------------------------------------------------------------------------------ load
 
@@ -192,13 +235,14 @@ class Checkpointer:
         """Restore `parts` from the checkpoint at `path`: the sharded part resharded to this world size, the others from
         train_state.json, and this rank's RNG when the world size matches. `verified`: `choose` has just checked the
         files, skip the second pass (otherwise the ranks check them, each a share)."""
+        self.loaded = None
         meta = rank0_decides(lambda: read_meta(path))  # one reading, so every rank decides alike below
         check_model_matches(meta, cfg, path)
         if not verified:
             verify_files(path, meta, self.rank, self.world_size)
         state = parts["model"].state_dict()
-        try:
-            dcp.load(state, checkpoint_id=path)  # DCP shares its failures between the ranks
+        try:  # DCP shares its failures between the ranks; nothing in the files runs as code (trust.py)
+            dcp.load(state, storage_reader=TrustedReader(path), planner=TrustedPlanner(path))
         except (Exception, CheckpointException) as err:  # DCP raises assorted errors for damaged/foreign files
             raise load_failure(path, err) from None
         parts["model"].load_state_dict(state)
@@ -207,6 +251,7 @@ class Checkpointer:
             if name != "model":
                 part.load_state_dict(saved if name == "train" else saved.get(name, {}))
         every_rank(lambda: load_rng(path, meta, self.rank, self.world_size))
+        self.loaded = Path(path)
 
 
 def load_weights(path: Path, model: torch.nn.Module) -> dict[str, Any]:
@@ -218,7 +263,7 @@ def load_weights(path: Path, model: torch.nn.Module) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=path, no_dist=True)
+            dcp.load(state, storage_reader=TrustedReader(path), planner=TrustedPlanner(path), no_dist=True)
     except (Exception, CheckpointException) as err:
         raise load_failure(path, err) from None
     model.load_state_dict(state["model"])

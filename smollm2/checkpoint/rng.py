@@ -2,12 +2,14 @@
 
 RNG_FORMAT (recorded in meta.json) 2: tensors, lists and numbers only, read with torch.load(weights_only=True), so a
 checkpoint from elsewhere cannot run code through them. 1 (no "rng_format": checkpoints written before it): numpy's and
-python's state tuples pickled as they are, which only weights_only=False reads back (allowed for those files alone).
+python's state tuples pickled as they are, which only an unrestricted unpickler reads back: such files are not read at
+all (the RNG starts from the seed, with a warning), since meta.json, which says the format, is no proof of anything.
 """
 
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +56,30 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def read_rng_file(path: Path) -> dict[str, Any]:
+    """An RNG file of format 2, read with weights_only=True (plain data only)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except OSError as err:
+        raise CheckpointError(f"cannot load {path}: {one_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - weights_only refuses anything but plain data (UnpicklingError)
+        raise CheckpointError(f"{path} is not a trusted checkpoint format ({one_line(err)}): reading it could run code "
+                              "from the file, so it is refused") from None
+
+
 def load_rng(checkpoint_dir: Path, meta: dict[str, Any], rank: int, world_size: int) -> None:
     """Restore this rank's RNG from the checkpoint if it was saved at this world size (at another, each rank's streams
     start from the seed)."""
     path = rng_file(checkpoint_dir, rank)
     if meta.get("world_size") != world_size or not path.is_file():
         return
+    if meta.get("rng_format", 1) < RNG_FORMAT:
+        if rank == 0:
+            print(f"warning: {checkpoint_dir}'s RNG files are of the older pickled format, which is not read (it could "
+                  "run code): the random streams start from the seed", file=sys.stderr, flush=True)
+        return
+    state = read_rng_file(path)
     try:
-        # Format 1 files (older checkpoints, meta.json without "rng_format") are plain pickles: only they may unpickle
-        # objects, so that old runs still resume.
-        set_rng_state(torch.load(path, weights_only=meta.get("rng_format", 1) >= 2))
-    except Exception as err:  # noqa: BLE001 - an unreadable or foreign file: say which
+        set_rng_state(state)
+    except Exception as err:  # noqa: BLE001 - plain data, but not RNG states: say which file
         raise CheckpointError(f"cannot load {path}: {one_line(err)}") from None

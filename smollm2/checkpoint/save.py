@@ -1,14 +1,18 @@
 """One checkpoint save, from a fresh temporary directory to its commit: the procedure both the foreground and the
 background save (smollm2/checkpoint/background.py) follow.
 
-    prepare   rank 0: is this step already saved? if not, a fresh `.tmp-step-N/` (a killed save's leftover removed)
+    prepare   rank 0: is this step already saved, by the checkpoint this run resumed from? if not, a fresh
+              `.tmp-step-N/` (a killed save's leftover removed)
     write     every rank: its DCP shards and its RNG file, fsynced
     finish    every rank hashes a share of the files; rank 0 writes meta.json (sizes, digests), train_state.json,
-              config.yaml and COMPLETE, fsyncs them and the directory, and renames it to `step-N/`: the commit
+              config.yaml and COMPLETE, fsyncs them and the directory, and renames it to `step-N/`: the commit; then
+              retention, then `latest` (at a checkpoint that exists)
 
 Nothing that looks complete exists before the rename, and the rename happens only after every rank's files are on disk,
-so neither a crash mid-save nor a power loss after it leaves a checkpoint that looks complete and is not. Any failure on
-any rank is raised on every rank as the same one-line CheckpointError, and the temporary directory is removed.
+so neither a crash mid-save nor a power loss after it leaves a checkpoint that looks complete and is not. A complete
+checkpoint already at `step-N/` that this run did not load (another run's, or a line this run abandoned) is replaced:
+it is renamed aside before the commit and deleted after it. Any failure on any rank is raised on every rank as the same
+one-line CheckpointError, and the temporary directory is removed.
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ from smollm2.checkpoint.layout import COMPLETE, CheckpointStorage, checkpoint_st
 from smollm2.checkpoint.rng import RNG_FORMAT, rng_file, rng_state
 from smollm2.config import Config, to_dict, to_yaml
 from smollm2.distributed import every_rank, rank0_decides
-from smollm2.errors import CheckpointError
+from smollm2.errors import CheckpointError, one_line
 from smollm2.files import fsync_dir
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_BELOW_BYTES = 1 << 20  # a write that failed with less room than this left failed for want of room
+_WRITER_FAILURE = "inline_container"  # torch's zip writer (torch.save): its I/O errors are RuntimeErrors
 
 
 def root_cause(err: BaseException) -> BaseException:
@@ -56,9 +62,9 @@ class SaveJob:
     starts; `on_commit` runs on rank 0 once the checkpoint is committed (retention)."""
 
     def __init__(self, storage: CheckpointStorage, step: int, train_state: dict[str, Any], cfg: Config, final: bool,
-                 rank: int, world_size: int, on_commit: Callable[[], None]):
+                 rank: int, world_size: int, on_commit: Callable[[Path], None], loaded: Path | None = None):
         self.storage, self.step, self.train_state, self.cfg, self.final = storage, step, train_state, cfg, final
-        self.rank, self.world_size, self.on_commit = rank, world_size, on_commit
+        self.rank, self.world_size, self.on_commit, self.loaded = rank, world_size, on_commit, loaded
         self.target = storage.root / step_dir_name(step)
         self.tmp = storage.root / f".tmp-{step_dir_name(step)}"
         self.previous: str | None = None  # the newest complete checkpoint: what a failed save leaves as the latest
@@ -66,14 +72,16 @@ class SaveJob:
     # ---------------------------------------------------------------------------------------------------- prepare
 
     def prepare(self) -> bool:
-        """Collective: whether the step is already saved (e.g. a run resumed at the step it then ends at), decided by
-        rank 0 alone: a rank that (through a stale listing) saw it as saved would skip the collectives the others run."""
+        """Collective: whether the step is already saved: by the checkpoint this run resumed from (a run resumed at the
+        step it then ends at), and by nothing else. Decided by rank 0 alone: a rank that (through a stale listing) saw it
+        as saved would skip the collectives the others run."""
         done, self.previous = rank0_decides(self._prepare)
         return done
 
     def _prepare(self) -> tuple[bool, str | None]:  # rank 0
         target, storage = self.target, self.storage
-        if storage.is_complete(target):
+        ours = self.loaded is not None and target.resolve() == self.loaded.resolve()
+        if ours and storage.is_complete(target):
             if self.final and not is_final(target):  # the same state, now also this run's final checkpoint: keep it
                 try:
                     storage.write_json(target / "meta.json", {**read_meta(target), "final": True})  # no digest covers it
@@ -84,9 +92,10 @@ class SaveJob:
         previous = storage.latest()
         self.previous = None if previous is None else str(previous)
         try:
-            for leftover in (self.tmp, target):  # a save that was killed; an incomplete copy at this step's name
-                if leftover.exists():
-                    shutil.rmtree(leftover)
+            if self.tmp.exists():  # a save that was killed
+                shutil.rmtree(self.tmp)
+            if target.exists() and not storage.is_complete(target):  # an incomplete copy at this step's name
+                shutil.rmtree(target)
             (self.tmp / "rng").mkdir(parents=True)
         except OSError as err:
             raise self.error(err) from err
@@ -95,8 +104,9 @@ class SaveJob:
     # ------------------------------------------------------------------------------------------------------ write
 
     def guard(self, work: Callable[[], Any]) -> Callable[[], Any]:
-        """`work`, its OSError (DCP's wrapped in a CheckpointException) raised as the save's one-line error, DCP's other
-        failures as their first rank's error."""
+        """`work`, a write failure (DCP's wrapped in a CheckpointException) raised as the save's one-line error, DCP's
+        other failures as their first rank's error. torch's file writer reports a full disk as a RuntimeError
+        ("unexpected pos ..."), not an OSError: a failure while the filesystem has no room left is a full disk."""
         def run() -> Any:
             try:
                 return work()
@@ -104,10 +114,20 @@ class SaveJob:
                 cause = root_cause(err)
                 if isinstance(cause, OSError):
                     raise self.error(cause) from err
+                if self._disk_full():
+                    raise self.error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from err
+                if isinstance(cause, RuntimeError) and _WRITER_FAILURE in str(cause):
+                    raise self.error(OSError(errno.EIO, one_line(cause))) from err
                 if isinstance(err, CheckpointException):
                     raise cause from err
                 raise
         return run
+
+    def _disk_full(self) -> bool:
+        try:
+            return shutil.disk_usage(self.storage.root).free < _FULL_BELOW_BYTES
+        except OSError:
+            return False
 
     def write(self, state: dict[str, Any]) -> list[str]:  # every rank
         """Write this rank's shards of `state` (DCP) and its RNG states into the temporary directory; returns the data
@@ -139,6 +159,7 @@ class SaveJob:
 
     def _commit(self, meta: dict[str, Any]) -> None:  # rank 0
         storage, tmp, target = self.storage, self.tmp, self.target
+        replaced = None
         try:
             storage.write_json(tmp / "train_state.json", self.train_state)
             storage.write_file(tmp / "config.yaml", lambda f: f.write(to_yaml(self.cfg).encode()))
@@ -146,27 +167,28 @@ class SaveJob:
             storage.write_file(tmp / COMPLETE, lambda f: f.write(f"{meta['step']}\n".encode()))
             fsync_dir(tmp / "rng")
             fsync_dir(tmp)  # every name in it is durable before the rename publishes them
+            # A complete checkpoint this run did not load, at this step: set aside now, deleted once the new one is in
+            if target.exists():
+                replaced = storage.set_aside(target, f".replaced-{target.name}")
             os.rename(tmp, target)  # the commit
             fsync_dir(storage.root)  # the rename itself
         except BaseException:
             if not target.exists():
                 self.remove_tmp()
+                if replaced is not None:  # the new one is not in: the old one goes back
+                    os.rename(replaced, target)
             raise
-        # Committed: nothing below fails the save. `latest` (the link) is a convenience: --resume latest scans.
+        # Committed: nothing below fails the save. Retention first (it never removes `target`), then `latest`, so the
+        # link never names a deleted checkpoint (it is a convenience: --resume latest scans the directory).
+        if replaced is not None:
+            warn(f"replaced {target} (a checkpoint this run did not resume from) with this run's step {self.step}")
+            storage.remove(replaced)
+        self.on_commit(target)
         try:
-            self._point_latest()
-            fsync_dir(storage.root)
+            storage.point_latest()
         except OSError as err:
             warn(f"could not point {storage.root / 'latest'} at {target.name} ({err.strerror or err}); --resume latest "
                  "scans the directory and is not affected")
-        self.on_commit()
-
-    def _point_latest(self) -> None:
-        link, tmp_link = self.storage.root / "latest", self.storage.root / ".latest.tmp"
-        if tmp_link.is_symlink() or tmp_link.exists():
-            tmp_link.unlink()
-        tmp_link.symlink_to(self.target.name)
-        os.replace(tmp_link, link)
 
     def error(self, err: OSError) -> CheckpointError:
         """The save's one-line error for an OSError: what happened, and that the previous checkpoint is intact."""
