@@ -8,8 +8,9 @@
 # NPROC: ranks on this node (default: the number of GPUs, or 1 without CUDA). Multi-node: use launch/slurm.sbatch.
 # Extra key=value arguments go to both phases. Exits non-zero, naming the phase, if either phase does not complete.
 #
-# Stopping: SIGTERM or SIGUSR1, sent to this script or to torchrun, reaches every rank; they checkpoint at their next log
-# step and the script exits 75 (the stop code, not a failure) saying "stopped at step N by a signal; rerun to continue".
+# Stopping: SIGTERM or SIGUSR1, sent to this script or to torchrun, or Ctrl-C in its terminal, reaches every rank; they
+# checkpoint at their next log step and the script exits 75 (the stop code, not a failure) saying "stopped at step N by a
+# signal; rerun to continue". A second Ctrl-C ends the run at once, without a checkpoint (exit 130).
 # Rerunning it continues. After forwarding a signal torchrun waits SMOLLM2_STOP_GRACE_S seconds (default 300) for the
 # ranks to exit, then SIGKILLs them: keep it above a log interval plus a checkpoint (a seed-model save: ~5 s).
 #
@@ -51,12 +52,15 @@ phase() {  # phase NAME STEPS [extra args...]
   local child=$! rc=0
   trap 'kill -s "$usr1_as" "$child" 2>/dev/null || true' USR1
   trap 'kill -s TERM "$child" 2>/dev/null || true' TERM
+  # Ctrl-C: the terminal sends SIGINT to this script and to the launcher alike (one process group), so it is not passed
+  # on (that would be a second one); the script waits for the stop, or for a second Ctrl-C, and reports it.
+  trap ':' INT
   while :; do  # wait returns early (> 128) when a trapped signal arrives: wait again until the launcher has exited
     rc=0
     wait "$child" || rc=$?
     kill -0 "$child" 2>/dev/null || break
   done
-  trap - USR1 TERM
+  trap - USR1 TERM INT
   # A stop: the trainer exits 75, but torchrun exits 1 whatever its ranks did (and when it got the signal itself), so the
   # marker the ranks leave (STOPPED, with the step) is what tells a stop from a failure.
   if [ -f "$run_dir/STOPPED" ] || [ "$rc" -eq "$STOP_CODE" ]; then
@@ -69,6 +73,10 @@ phase() {  # phase NAME STEPS [extra args...]
     fi
     echo "stopped at step $at by a signal; rerun to continue" >&2
     exit "$STOP_CODE"
+  fi
+  if [ "$rc" -eq 130 ]; then  # a second Ctrl-C (smollm2.errors.INTERRUPTED_EXIT_CODE)
+    echo "interrupted: $name exited at once, without a checkpoint; rerun to continue from the last one" >&2
+    exit 130
   fi
   if [ "$rc" -ne 0 ]; then
     echo "FAILED: $name did not complete (the trainer exited $rc); see the log above" >&2

@@ -1,16 +1,19 @@
-"""Stopping a run on request: SIGTERM / SIGUSR1 (SLURM preemption, `scancel --signal`, torchrun forwarding) make every
-rank checkpoint at its next log step and exit with STOP_EXIT_CODE, leaving STOP_MARKER for the launch scripts."""
+"""Stopping a run on request: SIGTERM / SIGUSR1 (SLURM preemption, `scancel --signal`, torchrun forwarding) and Ctrl-C
+(SIGINT) make every rank checkpoint at its next log step and exit with STOP_EXIT_CODE, leaving STOP_MARKER for the
+launch scripts. A second Ctrl-C exits at once, without a checkpoint."""
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from smollm2.distributed import DistEnv, any_rank
-from smollm2.errors import STOP_MARKER
+from smollm2.errors import INTERRUPTED_EXIT_CODE, STOP_MARKER
 
 
 class StopRequest:
@@ -20,10 +23,20 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        # SIGINT too: a background child of a non-interactive shell (launch/train.sh with NPROC=1) inherits it ignored,
+        # and Python's KeyboardInterrupt would end a rank without a checkpoint.
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        speak = os.environ.get("RANK", "0") == "0"
+        if signum == signal.SIGINT and self.requested:
+            if speak:
+                print("interrupted again: exiting now, without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(INTERRUPTED_EXIT_CODE)
+        if signum == signal.SIGINT and speak:
+            print("interrupted: checkpointing at the next log step, then exiting (interrupt again to exit now, without a "
+                  "checkpoint)", file=sys.stderr, flush=True)
         self.requested = True
 
     def agreed(self, device: torch.device) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,6 @@ from smollm2.serve.generate import generate  # noqa: E402
 from smollm2.serve.loading import load_model_for_inference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.e2e
 # Accents, CJK, emoji (with joiners), CRLF, tabs, code, runs of spaces and newlines, leading/trailing whitespace.
 MIXED = ("  Héllo wörld — naïve café, Ça va? 日本語のテキスト、中文。 🙂🚀👩‍👩‍👧 emoji\r\nCRLF line\tTab\tseparated\n"
          "    def f(x):\n        return {'a': x ** 2}  # code\n\n\n  several   spaces   \u00a0nbsp 3.14159 I'll we've end  \n")
@@ -56,6 +56,7 @@ def greedy_pairs(ours, hf, prompts=("ROMEO:", "To be, or not to be"), n=24) -> l
     return pairs
 
 
+@pytest.mark.e2e
 def test_transformers_loads_it_and_computes_our_logits(run, hf_dir):
     from transformers import AutoModelForCausalLM, GPTNeoXForCausalLM
 
@@ -95,6 +96,7 @@ def test_transformers_loads_it_and_computes_our_logits(run, hf_dir):
                                                      "max_new_tokens": 100, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
 
 
+@pytest.mark.e2e
 def test_greedy_decoding_matches_on_a_model_with_varied_output(run, tmp_path):
     """A few training steps make a model that repeats one token; noise makes greedy decoding wander over the vocabulary
     (so the KV-cached positions really matter), exported through a safetensors folder as the source."""
@@ -112,6 +114,7 @@ def test_greedy_decoding_matches_on_a_model_with_varied_output(run, tmp_path):
     assert max(len(set(mine)) for mine, _ in pairs) >= 5, pairs
 
 
+@pytest.mark.e2e
 def test_its_tokenizer_equals_tiktoken(hf_dir):
     from transformers import AutoTokenizer
 
@@ -135,6 +138,7 @@ def test_seed_shape_exports_exactly_123_654_144_parameters():
     assert model.config.max_position_embeddings == 2048 and model.config.rope_parameters["rope_theta"] == 10000
 
 
+@pytest.mark.e2e
 def test_safetensors_round_trip_is_bit_exact(run, tmp_path):
     out = export(str(run), tmp_path / "st", fmt="safetensors")
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors", "smollm2_export.json"]
@@ -146,6 +150,7 @@ def test_safetensors_round_trip_is_bit_exact(run, tmp_path):
     assert back.head.weight is back.embed.weight  # still tied
 
 
+@pytest.mark.e2e
 def test_bf16_refusal_force_and_nothing_half_written(run, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
@@ -171,6 +176,7 @@ def test_bf16_refusal_force_and_nothing_half_written(run, tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16"]  # no .tmp-*/.old-* left, no partial space
 
 
+@pytest.mark.e2e
 def test_space_folder(space_export):
     import gradio
 
@@ -185,3 +191,24 @@ def test_space_folder(space_export):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md"):
         assert (model / name).is_file(), name
     assert json.loads((model / "smollm2_export.json").read_text())["step"] == 20
+
+
+def test_export_never_overwrites_its_source_or_a_run(tmp_path):
+    """`--out` that is the checkpoint, contains it (its run directory) or lies inside it is refused, with or without
+    --force, before anything is loaded; so is one that holds another run; and one that cannot be written."""
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints" / "step-000004"
+    shutil.copytree(ROOT / "tests/fixtures/checkpoint-0.1.0/checkpoints/step-000004", checkpoint)
+    (run / "metrics.jsonl").write_text('{"step": 4, "loss": 5.5}\n')
+    other = tmp_path / "other-run"
+    shutil.copytree(run, other)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    for out, message in [(run, "contains the checkpoint being exported"), (run / "checkpoints", "contains the checkpoint"),
+                         (checkpoint, "is the checkpoint being exported"), (checkpoint / "hf", "lies inside the checkpoint"),
+                         (other, "holds a training run or a checkpoint, which --force never replaces")]:
+        with pytest.raises(UserError, match=message):
+            export(str(run), out, fmt="safetensors", force=True)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(UserError, match="cannot write --out"):
+        export(str(checkpoint), tmp_path / "a-file" / "out", fmt="safetensors")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == sorted([*before, "a-file"])

@@ -78,9 +78,10 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def train_sh(run: Path, data: Path, nproc: int, phase1: int, phase2: int) -> subprocess.Popen:
-    return subprocess.Popen(["launch/train.sh", "configs/tiny.yaml", *STOPPABLE, f"data.path={data}", f"train.run_dir={run}"],
-                            cwd=ROOT, env=launch_env(nproc, phase1, phase2), stdout=subprocess.PIPE,
+def train_sh(run: Path, data: Path, nproc: int, phase1: int, phase2: int, *extra: str) -> subprocess.Popen:
+    """launch/train.sh in a process group of its own (as a terminal's job is: Ctrl-C there is SIGINT to the group)."""
+    return subprocess.Popen(["launch/train.sh", "configs/tiny.yaml", *STOPPABLE, f"data.path={data}", f"train.run_dir={run}",
+                             *extra], cwd=ROOT, env=launch_env(nproc, phase1, phase2), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -164,6 +165,43 @@ def test_usr1_to_train_sh_with_an_old_torchrun_is_passed_on_as_sigterm(shakespea
     assert "Received 15 death signal" in err  # torchrun got SIGTERM (signal 15), not SIGUSR1
     assert assert_stopped(run, err) < 150
     assert processes_mentioning(str(run)) == []
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_ctrl_c_checkpoints_and_exits_with_the_stop_code(shakespeare_data, tmp_path, nproc):
+    """Ctrl-C in the terminal (SIGINT to the script's process group): one rank ignored it (a background child of a
+    non-interactive shell inherits SIGINT ignored) and torchrun's ranks died of it without a checkpoint; now every rank
+    checkpoints at its next log step and the script exits with the stop code."""
+    run = tmp_path / "run"
+    proc = train_sh(run, shakespeare_data, nproc, 2000, 2002)
+    wait_for(lambda: logged_steps(run) >= 2, proc, "two logged steps")
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = finish(proc)
+    assert proc.returncode == STOP_EXIT_CODE, err[-3000:]
+    assert "interrupted: checkpointing at the next log step" in err
+    assert assert_stopped(run, err) < 2000
+    assert processes_mentioning(str(run)) == []
+
+
+def test_a_second_ctrl_c_exits_at_once_without_a_checkpoint(shakespeare_data, tmp_path):
+    """The first Ctrl-C asks for a checkpoint at the next log step (1000 steps away here); the second ends the run now."""
+    run = tmp_path / "run"
+    proc = train_sh(run, shakespeare_data, 1, 2000, 2002, "logging.interval=1000", "checkpoint.interval=0")
+    wait_for(lambda: handles_usr1(proc_child(proc.pid)), proc, "the trainer's signal handlers", timeout=60)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = finish(proc)
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted again: exiting now, without a checkpoint" in err
+    assert "interrupted: phase 1 exited at once, without a checkpoint" in err
+    assert list_checkpoints(run / "checkpoints") == [] and not (run / STOP_MARKER).exists()
+
+
+def proc_child(pid: int) -> int:
+    """The launch script's one child (its trainer, with NPROC=1), or the script itself until it has started it."""
+    found = children(pid)
+    return found[0] if found else pid
 
 
 def handles_usr1(pid: int) -> bool:

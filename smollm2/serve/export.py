@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -219,14 +221,52 @@ def write_safetensors(out: Path, model, cfg: Config, info: dict, dtype: str) -> 
     (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
+def _holds_a_run(folder: Path) -> bool:
+    """Whether a folder holds a training run or a checkpoint (what `--force` never replaces)."""
+    markers = ("checkpoints", "metrics.jsonl", ".metadata", "COMPLETE", "meta.json", "train_state.json")
+    return any((folder / name).exists() for name in markers) or next(folder.glob("*/COMPLETE"), None) is not None
+
+
+def _check_out(out: Path, source: Path, force: bool) -> None:
+    """Refuse, before anything is loaded or written, an `out` that would overwrite the source, a run, or another folder
+    without --force, or that cannot be written."""
+    out_r, src_r = out.resolve(), source.resolve()
+    if out_r == src_r or out_r in src_r.parents or src_r in out_r.parents:
+        where = "is" if out_r == src_r else "contains" if out_r in src_r.parents else "lies inside"
+        raise ExportError(f"--out {out} {where} the checkpoint being exported ({source}): choose a folder outside it")
+    if out.exists() or out.is_symlink():
+        if out.is_dir() and _holds_a_run(out):
+            raise ExportError(f"--out {out} holds a training run or a checkpoint, which --force never replaces: choose "
+                              "another --out")
+        if (not out.is_dir() or any(out.iterdir())) and not force:
+            raise ExportError(f"{out} exists and is not empty: choose another --out, or pass --force to replace it")
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    try:
+        if not ancestor.is_dir():
+            raise NotADirectoryError(f"{ancestor} is not a directory")
+        os.rmdir(tempfile.mkdtemp(prefix=".smollm2-probe-", dir=ancestor))  # can a folder be made there?
+    except OSError as err:
+        raise ExportError(f"cannot write --out {out}: {err.strerror or err}"
+                          f"{f' ({ancestor})' if err.strerror else ''}") from None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def export(spec: str, out: str | Path, fmt: str = "hf", dtype: str = "fp32", force: bool = False) -> Path:
-    """Write the export of the checkpoint `spec` to `out` and return `out`. Refuses a non-empty `out` unless `force`."""
+    """Write the export of the checkpoint `spec` to `out` and return `out`. Refuses a non-empty `out` unless `force`, and
+    always an `out` that is, holds or lies in the checkpoint, or holds a run."""
     if fmt not in FORMATS or dtype not in DTYPES:
         raise ExportError(f"format must be one of {', '.join(FORMATS)} and dtype one of {', '.join(DTYPES)}")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ExportError(f"{out} exists and is not empty: choose another --out, or pass --force to replace it")
     path, info = run_info(spec)
+    _check_out(out, path, force)
     _log(f"loading {path}")
     model, cfg, step = load_model_for_inference(path)
     info.update(step=step, n_params=model.num_params(), max_seq_len=cfg.model.max_seq_len, format=fmt, dtype=dtype)
@@ -235,14 +275,14 @@ def export(spec: str, out: str | Path, fmt: str = "hf", dtype: str = "fp32", for
     tmp.mkdir(parents=True)
     try:
         {"hf": _write_hf, "safetensors": write_safetensors, "space": _write_space}[fmt](tmp, model, cfg, info, dtype)
-        if out.exists():  # --force: the old folder is moved aside, not deleted, until the new one is in place
-            shutil.rmtree(old, ignore_errors=True)
+        if out.exists() or out.is_symlink():  # --force: the old one is moved aside, not deleted, until the new one is in
+            _remove(old)
             out.rename(old)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
     _log(f"{fmt} ({dtype}) of step {step} written to {out}")
     return out
 
