@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from tiny import ROOT, SHAPE, SMALL, TWO_RANK_RUN, cli, copy_run, trainer
 
 from smollm2.data.shards import write_shard
@@ -151,6 +152,44 @@ def prep_missing_source(tmp, data, run):
     return ("data_prep", "--source", str(tmp / "nope"), "--out", str(tmp / "out")), []
 
 
+OLD_CHECKPOINT = ROOT / "tests/fixtures/checkpoint-0.1.0/checkpoints/step-000004"  # small; any checkpoint would do
+
+
+def an_infinite_timeout(tmp, data, run):
+    return train_cmd(run, data, "train.dist_timeout_min=inf"), []
+
+
+def an_infinite_temperature_in_training(tmp, data, run):
+    return train_cmd(run, data, "generate.temperature=inf"), []
+
+
+def an_unresolved_interpolation(tmp, data, run):
+    return train_cmd(run, data, "train.run_dir=${nope}"), []
+
+
+def an_unset_environment_variable_for_run_dir(tmp, data, run):
+    return ("smollm2.checkpoint", "run-dir", "configs/tiny.yaml", "train.run_dir=${oc.env:SMOLLM2_TEST_UNSET}"), []
+
+
+def generate_with_an_infinite_temperature(tmp, data, run):
+    return ("smollm2.generate", "--checkpoint", str(OLD_CHECKPOINT), "--prompt", "a", "--temperature", "inf"), \
+        [OLD_CHECKPOINT]
+
+
+def generate_on_a_device_that_is_not_one(tmp, data, run):
+    return ("smollm2.generate", "--checkpoint", str(OLD_CHECKPOINT), "--prompt", "a", "--device", "foo"), [OLD_CHECKPOINT]
+
+
+def generate_on_cuda_without_cuda(tmp, data, run):
+    return ("smollm2.generate", "--checkpoint", str(OLD_CHECKPOINT), "--prompt", "a", "--device", "cuda"), [OLD_CHECKPOINT]
+
+
+def export_under_a_file(tmp, data, run):
+    (tmp / "a-file").write_text("not a directory\n")
+    return ("smollm2.export", "--checkpoint", str(OLD_CHECKPOINT), "--out", str(tmp / "a-file" / "out")), \
+        [OLD_CHECKPOINT, tmp / "a-file"]
+
+
 ROWS = [
     ("config typo", config_typo, "unknown config key 'train.max_step'; did you mean 'train.max_steps'?"),
     ("wrong type", wrong_type,
@@ -169,6 +208,18 @@ ROWS = [
     ("manifest shard changed after prep", manifest_shard_changed_after_prep,
      "val_000000.bin: token id 65535 at position 10 is >= the vocab size 50258"),
     ("data_prep: missing source", prep_missing_source, "source not found:"),
+    ("infinite timeout", an_infinite_timeout, "invalid config: train.dist_timeout_min must be a finite number (got inf)"),
+    ("infinite sampling temperature in training", an_infinite_temperature_in_training,
+     "invalid config: generate.temperature must be a finite number (got inf)"),
+    ("unresolved interpolation", an_unresolved_interpolation,
+     "invalid config: train.run_dir is an interpolation that does not resolve (Interpolation key 'nope' not found)"),
+    ("unset environment variable (checkpoint run-dir)", an_unset_environment_variable_for_run_dir,
+     "invalid config: train.run_dir is an interpolation that does not resolve"),
+    ("generate: infinite temperature", generate_with_an_infinite_temperature,
+     "invalid config: generate.temperature must be a finite number (got inf)"),
+    ("generate: not a device", generate_on_a_device_that_is_not_one, "--device 'foo' is not a device"),
+    ("generate: cuda without CUDA", generate_on_cuda_without_cuda, "--device cuda, but torch sees no CUDA device"),
+    ("export: --out that cannot be written", export_under_a_file, "cannot write --out"),
 ]
 
 
@@ -197,6 +248,8 @@ def rows_run(shakespeare_data, tmp_path_factory) -> dict[str, tuple]:
 
 @pytest.mark.parametrize("name, message", [(name, message) for name, _, message in ROWS], ids=[row[0] for row in ROWS])
 def test_bad_input_is_one_line_and_changes_nothing(rows_run, name, message):
+    if name == "generate: cuda without CUDA" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
     proc, keep, before, run = rows_run[name]
     assert_one_line_error(proc, message)
     assert snapshot(*keep) == before, "a refused command changed existing files"

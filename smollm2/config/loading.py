@@ -140,7 +140,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except OmegaConfBaseException as err:
             key = getattr(err, "full_key", None) or "?"
             raise ConfigError(f"{where}: {_bad_value(key, err)}") from None
-    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    try:
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:  # an interpolation that does not resolve: ${nope}, ${oc.env:UNSET}
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"invalid config: {key} is an interpolation that does not resolve ({str(err).splitlines()[0]})"
+                          ) from None
     validate(cfg)
     return cfg
 

@@ -6,6 +6,7 @@ Loading (YAML presets, `key=value` overrides, saved configs) is in smollm2/confi
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -101,6 +102,17 @@ def _non_negative(section: Any, prefix: str, *names: str) -> None:
     for name in names:
         value = getattr(section, name)
         _require(value >= 0, prefix + name, f"must be >= 0 (got {value})")
+
+
+def _all_finite(section: Any, prefix: str) -> None:
+    """No setting is meant to be infinite or NaN (`train.dist_timeout_min=inf`, `generate.temperature=inf` would only fail
+    later, mid-run): each float of the section and of its subsections."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _all_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            _require(math.isfinite(value), prefix + f.name, f"must be a finite number (got {value})")
 
 
 def _may_differ_on_resume(default: Any) -> Any:
@@ -305,7 +317,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def check(self) -> None:
-        """Each section's own constraints, then the ones across sections."""
+        """Every number finite, each section's own constraints, then the ones across sections."""
+        _all_finite(self, "")
         for section in (self.model, self.data, self.train, self.optim, self.eval, self.generate, self.sample,
                         self.checkpoint, self.logging):
             section.check()

@@ -51,9 +51,10 @@ class TrainLoader:
         self.consumed_windows = 0
         self._orders: dict[int, np.ndarray] = {}
         self._orders_lock = threading.Lock()
+        # The prefetch thread starts with the first next_step(), at the position training starts from: none runs while
+        # a run is still being set up (a setup that fails leaves no thread behind to race the process's exit).
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None  # what the prefetch thread raised, re-raised by every next_step()
-        self._start_prefetch()
 
     # ------------------------------------------------------------------------------------------ the global order
 
@@ -102,6 +103,8 @@ class TrainLoader:
     def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """grad_accum (inputs, targets) pairs, each int64 [micro_batch, seq_len] on the device, for the step at
         consumed_windows; advances consumed_windows by G."""
+        if self._thread is None and self.prefetch > 0:
+            self._start_prefetch()
         if self._thread is None:
             batches = self._build_step(self.consumed_windows)
         else:
@@ -197,7 +200,6 @@ class TrainLoader:
             raise DataError(f"loader state has consumed_windows={consumed}")
         self._stop_prefetch()
         self.consumed_windows = consumed
-        self._start_prefetch()
 
 
 class ValWindows:

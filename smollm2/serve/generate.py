@@ -233,6 +233,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _device(name: str) -> torch.device:
+    """--device: auto (cuda if torch sees one, else cpu), cpu, cuda or cuda:N; one line for anything else."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device: auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}, but torch sees no CUDA device: use --device cpu (or auto)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: generate runs on cpu or cuda")
+    return device
+
+
 def _shown(text: str) -> str:
     return repr(text[:40]) + ("..." if len(text) > 40 else "")
 
@@ -246,8 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     texts = args.prompt + (read_prompts(args.prompts_file) if args.prompts_file else [])  # a bad file fails before loading
-    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = _device(args.device)
     model, cfg, step = load_model_for_inference(args.checkpoint, device)
     gen = cfg.generate
     for name in ("temperature", "top_k", "top_p", "max_new_tokens", "seed"):
