@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from pathlib import Path
 
 import torch
@@ -29,15 +28,17 @@ class StopRequest:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        # The request first, and the message written straight to fd 2: a print here could meet stderr's buffer in the
+        # middle of another write (a reentrant-call error would end the rank without its checkpoint).
+        again, self.requested = self.requested, True
         speak = os.environ.get("RANK", "0") == "0"
-        if signum == signal.SIGINT and self.requested:
+        if signum == signal.SIGINT and again:
             if speak:
-                print("interrupted again: exiting now, without a checkpoint", file=sys.stderr, flush=True)
+                os.write(2, b"interrupted again: exiting now, without a checkpoint\n")
             os._exit(INTERRUPTED_EXIT_CODE)
         if signum == signal.SIGINT and speak:
-            print("interrupted: checkpointing at the next log step, then exiting (interrupt again to exit now, without a "
-                  "checkpoint)", file=sys.stderr, flush=True)
-        self.requested = True
+            os.write(2, b"interrupted: checkpointing at the next log step, then exiting (interrupt again to exit now, "
+                        b"without a checkpoint)\n")
 
     def agreed(self, device: torch.device) -> bool:
         """Collective: whether any rank was asked to stop (then every rank stops at the same step)."""

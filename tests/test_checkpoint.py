@@ -388,9 +388,9 @@ def test_retention_after_skipping_a_damaged_newest_keeps_the_new_save(tmp_path):
     with one_rank_group():
         model, optimizer = small_model(cfg, seed=1)
         checkpointer = resume(root, "latest", 1, cfg, model, optimizer)
-        assert checkpointer.loaded == root / "step-000003"
         mark_and_save(checkpointer, 4, model, optimizer, cfg)
     assert step_dirs(root) == [".damaged-step-000005", "step-000004"]
+    assert checkpointer.loaded == root / "step-000003"
     assert os.readlink(root / "latest") == "step-000004" and (root / "latest").resolve().is_dir()
     assert checkpoint_main(["verify", str(tmp_path), "4"]) == 0
 
@@ -434,6 +434,64 @@ def test_a_complete_checkpoint_this_run_did_not_load_is_replaced_not_skipped(tmp
     assert step_dirs(root) == ["step-000003"]  # the old one removed after the commit, no leftover
     loaded, _, _ = load_model_for_inference(root / "step-000003")
     assert loaded.norm.bias[0].item() == 33.0
+
+
+
+def test_a_save_killed_while_replacing_a_checkpoint_leaves_it_restored(tmp_path, capfd):
+    """What a kill -9 between a replacing save's two renames leaves (the old step 3 set aside as .replaced-step-000003,
+    the new one still .tmp-step-000003): the next resume renames the old one back and resumes from it. A leftover
+    .replaced-* whose new step did commit is removed, and so is what a deletion cut short left."""
+    root = tmp_path / "checkpoints"
+    saved = save_steps(root, [2, 3], keep_last=0)
+    shutil.copytree(root / "step-000003", root / ".tmp-step-000003")  # the new one, written, not yet committed
+    os.rename(root / "step-000003", root / ".replaced-step-000003")
+    shutil.copytree(root / "step-000002", root / ".replaced-step-000002")  # step 2 replaced, and committed
+    shutil.copytree(root / "step-000002", root / ".removing-step-000001")  # a deletion cut short
+    cfg = small_config()
+    with one_rank_group():
+        model, optimizer = small_model(cfg, seed=1)
+        assert resume(root, "latest", 0, cfg, model, optimizer).loaded == root / "step-000003"
+    assert "step-000003 is restored" in capfd.readouterr().err
+    assert torch.equal(model.norm.bias, saved[3]["norm.bias"])
+    assert step_dirs(root) == [".tmp-step-000003", "step-000002", "step-000003"]  # the .tmp-* goes with the next save
+
+
+def test_resuming_from_outside_the_folder_moves_its_checkpoints_aside(tmp_path, capfd):
+    """Back to an abandoned line (or on from another run's checkpoint): the checkpoints already in the folder are another
+    line; they move to a folder of their own rather than being counted by keep_last, deleted, or named by `latest`."""
+    root = tmp_path / "checkpoints"
+    save_steps(root, [1, 2, 3, 4], keep_last=0)
+    cfg = small_config()
+    with one_rank_group():
+        model, optimizer = small_model(cfg, seed=1)
+        resume(root, str(root / "step-000002"), 0, cfg, model, optimizer)  # 3, 4 -> abandoned-after-step-000002
+        mark_and_save(Checkpointer(root, 0, rank=0, world_size=1), 3, model, optimizer, cfg)
+        back = root / "abandoned-after-step-000002" / "step-000004"
+        checkpointer = resume(root, str(back), 1, cfg, model, optimizer)
+        folder = root / "abandoned-for-step-000004-from-elsewhere"
+        assert (f"{back} is not in {root}: its checkpoints step-000001, step-000002, step-000003 are moved to {folder}"
+                in capfd.readouterr().err)
+        for step in (5, 6, 7):
+            mark_and_save(checkpointer, step, model, optimizer, cfg)
+    assert step_dirs(root) == ["abandoned-after-step-000002", "abandoned-for-step-000004-from-elsewhere", "step-000007"]
+    assert step_dirs(folder) == ["step-000001", "step-000002", "step-000003"]
+    assert os.readlink(root / "latest") == "step-000007"
+
+
+def test_a_latest_link_that_cannot_be_made_is_a_warning(tmp_path, capfd):
+    """`latest` is a convenience: where it cannot be made (here a directory holds its name; a filesystem without
+    symlinks alike), resuming and saving go on with a warning."""
+    root = tmp_path / "checkpoints"
+    save_steps(root, [1], keep_last=0)
+    (root / "latest").unlink()
+    (root / "latest" / "x").mkdir(parents=True)
+    cfg = small_config()
+    with one_rank_group():
+        model, optimizer = small_model(cfg, seed=1)
+        checkpointer = resume(root, "latest", 0, cfg, model, optimizer)
+        mark_and_save(checkpointer, 2, model, optimizer, cfg)
+    assert f"warning: could not point {root / 'latest'} at step-000002" in capfd.readouterr().err
+    assert checkpoint_main(["verify", str(tmp_path), "2"]) == 0
 
 
 # ---------------------------------------------------------------------------------------------------- durability
@@ -585,6 +643,23 @@ def test_a_crafted_checkpoint_runs_no_code_from_any_entry_point(tmp_path, payloa
         assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".tmp-export"))
     if results["the app"] is not None:
         assert not (root.parent / "export").exists()
+
+
+def test_a_metadata_file_cannot_change_a_class_it_may_name(tmp_path):
+    """.metadata may name pathlib's path classes (DCP records the checkpoint id as one), not set state on the class
+    itself: a BUILD on PosixPath (replacing its is_file for the whole process) is refused before it applies."""
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+
+    from smollm2.checkpoint.trust import read_metadata
+
+    legit = pickle.dumps(Metadata(state_dict_metadata={"a": BytesStorageMetadata()}), protocol=2)
+    change = b"cpathlib\nPosixPath\nN}X\x07\x00\x00\x00is_fileccollections\nOrderedDict\ns\x86b0"
+    (tmp_path / ".metadata").write_bytes(legit[:2] + change + legit[2:])
+    with pytest.raises(CheckpointError, match="not a trusted checkpoint format .*sets the state of type"):
+        read_metadata(tmp_path)
+    assert (tmp_path / ".metadata").is_file() is True
 
 
 def test_rng_files_of_the_old_pickled_format_are_not_read(tmp_path, capfd):
@@ -922,19 +997,35 @@ def _plant_a_damaged_newer_checkpoint(root: Path, rnd: random.Random) -> None:
     damage(fake, rnd.choice(["overwrite", "truncate", "delete"]))
 
 
+def _saving_since(root: Path, launched: float) -> bool:
+    """A save of this process is being written: a .tmp-step-* changed since it started (one a killed attempt left behind
+    is not one; it is removed by the next save)."""
+    for tmp in root.glob(".tmp-step-*"):
+        try:
+            if tmp.stat().st_mtime >= launched:
+                return True
+        except FileNotFoundError:  # committed or removed meanwhile
+            pass
+    return False
+
+
 def _kill_at_random(cmd: list[str], run: Path, rnd: random.Random, deadline_s: float = 120) -> int | None:
-    """Start the run and kill -9 it at a random moment: during a save (a .tmp-step-* exists) or between steps. Returns
-    its exit status if it ended by itself first."""
+    """Start the run and, once it trains (a new line in metrics.jsonl) and a random time has passed, kill -9 it: at a
+    random point of its next save, or at once (between saves). Returns its exit status if it ended by itself first."""
+    metrics = run / "metrics.jsonl"
+    lines_before = metrics.stat().st_size if metrics.exists() else 0
+    launched = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    during_a_save, after = rnd.random() < 0.6, rnd.uniform(0.0, 1.5)
+    during_a_save, after = rnd.random() < 0.6, rnd.uniform(0.0, 2.0)
     deadline, started = time.monotonic() + deadline_s, None
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if (run / "metrics.jsonl").exists():
-                started = started or time.monotonic()
-                in_save = any((run / "checkpoints").glob(".tmp-step-*"))
-                if (during_a_save and in_save) or (not during_a_save and time.monotonic() - started > after):
+            if started is None and metrics.exists() and metrics.stat().st_size > lines_before:
+                started = time.monotonic()
+            if started is not None and time.monotonic() - started > after:
+                if not during_a_save or _saving_since(run / "checkpoints", launched):
+                    time.sleep(rnd.uniform(0.0, 0.05) if during_a_save else 0.0)
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(timeout=30)
                     return None

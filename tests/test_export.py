@@ -195,17 +195,22 @@ def test_space_folder(space_export):
 
 def test_export_never_overwrites_its_source_or_a_run(tmp_path):
     """`--out` that is the checkpoint, contains it (its run directory) or lies inside it is refused, with or without
-    --force, before anything is loaded; so is one that holds another run; and one that cannot be written."""
+    --force, before anything is loaded; so is one that holds another run at any depth, a folder that is not an earlier
+    export (--force replaces only those), and one that cannot be written."""
     run = tmp_path / "run"
     checkpoint = run / "checkpoints" / "step-000004"
     shutil.copytree(ROOT / "tests/fixtures/checkpoint-0.1.0/checkpoints/step-000004", checkpoint)
     (run / "metrics.jsonl").write_text('{"step": 4, "loss": 5.5}\n')
-    other = tmp_path / "other-run"
+    other = tmp_path / "runs" / "other-run"
     shutil.copytree(run, other)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me\n")
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     for out, message in [(run, "contains the checkpoint being exported"), (run / "checkpoints", "contains the checkpoint"),
                          (checkpoint, "is the checkpoint being exported"), (checkpoint / "hf", "lies inside the checkpoint"),
-                         (other, "holds a training run or a checkpoint, which --force never replaces")]:
+                         (other, "holds a training run or a checkpoint, which --force never replaces"),
+                         (other.parent, "holds a training run or a checkpoint"),
+                         (tmp_path / "notes", "is not an earlier export .no smollm2_export.json., and --force replaces only")]:
         with pytest.raises(UserError, match=message):
             export(str(run), out, fmt="safetensors", force=True)
     (tmp_path / "a-file").write_text("x")

@@ -3,6 +3,9 @@
     <run_dir>/checkpoints/step-000500/    one checkpoint (see smollm2/checkpoint/__init__.py for its files)
     <run_dir>/checkpoints/.tmp-step-*/    a save in progress (or one that was killed): never loaded
     <run_dir>/checkpoints/latest          a symlink to the newest complete checkpoint (a convenience: the scan decides)
+    <run_dir>/checkpoints/.replaced-step-*/   a checkpoint a save is replacing: removed once the new one is committed,
+                                          renamed back by `recover` if that save was killed before its commit
+    <run_dir>/checkpoints/.removing-*/    a checkpoint being deleted (retention): a deletion cut short leaves only this
 
 A checkpoint is complete when it holds its COMPLETE marker, meta.json and DCP's .metadata. `CheckpointStorage` is the
 directory as the checkpoint manager sees it: its listing and the files a commit writes. On a cluster one node's listing
@@ -16,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -24,7 +28,12 @@ from smollm2.errors import CheckpointError
 from smollm2.files import atomic_write_json, fsync_dir, write_synced
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+REPLACED = re.compile(r"^\.replaced-(step-\d{6,})(-\d+)?$")
 COMPLETE = "COMPLETE"
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def step_dir_name(step: int) -> str:
@@ -83,23 +92,55 @@ class CheckpointStorage:
         return new
 
     def remove(self, path: Path) -> None:
-        """Delete a checkpoint: its COMPLETE marker first, so that a deletion cut short leaves an incomplete directory,
-        never a complete-looking damaged one."""
-        (path / COMPLETE).unlink(missing_ok=True)
-        shutil.rmtree(path, ignore_errors=True)
+        """Delete a checkpoint: renamed to `.removing-<name>` first (atomic), so that a deletion cut short leaves no
+        half-deleted step directory, only a folder that `recover` removes."""
+        gone, n = path.parent / f".removing-{path.name}", 1
+        while gone.exists():
+            n += 1
+            gone = path.parent / f".removing-{path.name}-{n}"
+        os.rename(path, gone)
+        shutil.rmtree(gone, ignore_errors=True)
 
     def point_latest(self) -> Path | None:
-        """Point `latest` at the newest complete checkpoint (remove it if there is none), atomically; returns it."""
+        """Point `latest` at the newest complete checkpoint (remove it if there is none), atomically; returns it. A
+        filesystem without symlinks gets a warning: the link is a convenience, `--resume latest` scans the directory."""
         newest, link, tmp_link = self.latest(), self.root / "latest", self.root / ".latest.tmp"
-        if tmp_link.is_symlink() or tmp_link.exists():
-            tmp_link.unlink()
-        if newest is None:
-            link.unlink(missing_ok=True)
-        else:
-            tmp_link.symlink_to(newest.name)
-            os.replace(tmp_link, link)
-        fsync_dir(self.root)
+        try:
+            if tmp_link.is_symlink() or tmp_link.exists():
+                tmp_link.unlink()
+            if newest is None:
+                link.unlink(missing_ok=True)
+            else:
+                tmp_link.symlink_to(newest.name)
+                os.replace(tmp_link, link)
+            fsync_dir(self.root)
+        except OSError as err:
+            warn(f"could not point {link} at {newest.name if newest else 'nothing'} ({err.strerror or err}); --resume "
+                 "latest scans the directory and is not affected")
         return newest
+
+    def recover(self) -> None:
+        """Finish a replacing save that was killed between its two renames (see SaveJob._commit): a `.replaced-step-N`
+        whose step-N is not complete goes back to step-N (the new one never committed); one whose step-N is complete is
+        removed (it did). What a deletion cut short left (`.removing-*`) is removed. Rank 0, before it decides anything
+        from the listing."""
+        if not self.root.is_dir():
+            return
+        for old in sorted(self.root.iterdir()):
+            if old.name.startswith(".removing-") and old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+                continue
+            if not (match := REPLACED.match(old.name)) or not old.is_dir():
+                continue
+            target = self.root / match.group(1)
+            if self.is_complete(target):
+                self.remove(old)
+            elif self.is_complete(old):
+                if target.exists():  # what remains of a step-N that was being removed
+                    shutil.rmtree(target)
+                os.rename(old, target)
+                fsync_dir(self.root)
+                warn(f"a save that was replacing {target} was cut short before its commit: {target.name} is restored")
 
 
 def is_complete(path: Path) -> bool:

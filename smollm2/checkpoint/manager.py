@@ -128,6 +128,7 @@ class Checkpointer:
         return None if chosen is None else Path(chosen)
 
     def _choose(self, spec: str | None) -> str | None:  # rank 0
+        self.storage.recover()
         if not spec:
             if (existing := self.storage.latest()) is not None:
                 restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
@@ -151,27 +152,30 @@ class Checkpointer:
         path = resolve(spec, self.root)
         if wrong := self._problems(path):
             raise damaged(path, wrong)
-        self._abandon_newer_than(checkpoint_step(path))
+        self._abandon_other_lines(path)
         return str(path)
 
-    def _abandon_newer_than(self, step: int) -> None:  # rank 0
-        """Resuming from `step` while this run directory holds newer complete checkpoints: they belong to a line this run
-        leaves. Moved (not deleted) into one folder, so that no save of this run is mistaken for them or rotated out in
-        their favour, and `latest` names this run's line."""
-        newer = [path for s, path in self.storage.complete() if s > step]
-        if not newer:
+    def _abandon_other_lines(self, path: Path) -> None:  # rank 0
+        """Resuming from `path`: the complete checkpoints here that are not of its line (the newer ones when it is one of
+        them; all of them when it comes from elsewhere, e.g. an abandoned-after-* folder or another run) belong to a line
+        this run leaves. Moved (not deleted) into one folder, so that no save of this run is mistaken for them or rotated
+        out in their favour, and `latest` names this run's line."""
+        step, here = checkpoint_step(path), path.resolve().parent == self.root.resolve()
+        others = [p for s, p in self.storage.complete() if s > step or not here]
+        if not others:
             return
-        folder = self.storage.root / f"abandoned-after-{step_dir_name(step)}"
-        n = 1
+        name = f"abandoned-after-{step_dir_name(step)}" if here else f"abandoned-for-{step_dir_name(step)}-from-elsewhere"
+        folder, n = self.storage.root / name, 1
         while folder.exists():
             n += 1
-            folder = self.storage.root / f"abandoned-after-{step_dir_name(step)}-{n}"
+            folder = self.storage.root / f"{name}-{n}"
         folder.mkdir()
-        for path in newer:
-            os.rename(path, folder / path.name)
+        for other in others:
+            os.rename(other, folder / other.name)
         self.storage.point_latest()
-        warn(f"resuming from step {step}: the newer checkpoints {', '.join(p.name for p in newer)} are moved to "
-             f"{folder} (move them back into {self.root} to continue that line instead)")
+        which = "the newer checkpoints" if here else f"{path} is not in {self.root}: its checkpoints"
+        warn(f"resuming from step {step}: {which} {', '.join(p.name for p in others)} are moved to {folder} (move them "
+             f"back into {self.root} to continue that line instead)")
 
     @staticmethod
     def _problems(path: Path) -> list[str]:

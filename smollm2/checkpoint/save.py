@@ -32,7 +32,15 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import smollm2
 from smollm2.checkpoint.integrity import file_digest, written_files
-from smollm2.checkpoint.layout import COMPLETE, CheckpointStorage, checkpoint_step, is_final, read_meta, step_dir_name
+from smollm2.checkpoint.layout import (
+    COMPLETE,
+    CheckpointStorage,
+    checkpoint_step,
+    is_final,
+    read_meta,
+    step_dir_name,
+    warn,
+)
 from smollm2.checkpoint.rng import RNG_FORMAT, rng_file, rng_state
 from smollm2.config import Config, to_dict, to_yaml
 from smollm2.distributed import every_rank, rank0_decides
@@ -51,10 +59,6 @@ def root_cause(err: BaseException) -> BaseException:
     if isinstance(err, CheckpointException) and failures:
         return next(iter(failures.values()))[0]
     return err
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class SaveJob:
@@ -89,6 +93,10 @@ class SaveJob:
                 except (OSError, CheckpointError) as err:
                     warn(f"could not mark {target} as the run's final checkpoint ({err}): keep_last may rotate it out")
             return True, None
+        try:
+            storage.recover()
+        except OSError as err:
+            warn(f"could not finish the replacement a killed save left in {storage.root}: {err.strerror or err}")
         previous = storage.latest()
         self.previous = None if previous is None else str(previous)
         try:
@@ -180,15 +188,15 @@ class SaveJob:
             raise
         # Committed: nothing below fails the save. Retention first (it never removes `target`), then `latest`, so the
         # link never names a deleted checkpoint (it is a convenience: --resume latest scans the directory).
-        if replaced is not None:
-            warn(f"replaced {target} (a checkpoint this run did not resume from) with this run's step {self.step}")
-            storage.remove(replaced)
-        self.on_commit(target)
         try:
-            storage.point_latest()
-        except OSError as err:
-            warn(f"could not point {storage.root / 'latest'} at {target.name} ({err.strerror or err}); --resume latest "
-                 "scans the directory and is not affected")
+            if replaced is not None:
+                warn(f"replaced {target} (a checkpoint this run did not resume from) with this run's step {self.step}")
+                storage.remove(replaced)
+            self.on_commit(target)
+        except OSError as err:  # what is left is removed by the next save's retention or recovery
+            warn(f"step {self.step} is committed, but removing older checkpoints failed: {err.strerror or err}"
+                 f"{f' ({err.filename})' if err.filename else ''}")
+        storage.point_latest()
 
     def error(self, err: OSError) -> CheckpointError:
         """The save's one-line error for an OSError: what happened, and that the previous checkpoint is intact."""

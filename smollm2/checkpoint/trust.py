@@ -15,6 +15,7 @@ Anything else in them is refused as "not a trusted checkpoint format", in one li
 
 from __future__ import annotations
 
+import importlib
 import io
 import pickle
 from pathlib import Path
@@ -40,15 +41,32 @@ _ALLOWED = {
     ("pathlib", "PosixPath"): None, ("pathlib", "WindowsPath"): None,  # StorageMeta.checkpoint_id
     ("collections", "OrderedDict"): None,
 }
+# The classes whose instances a .metadata may set state on (BUILD): the allowed classes, not anything reachable from them.
+_INSTANCE_TYPES = {getattr(importlib.import_module(module), name) for module, name in _ALLOWED}
+_INSTANCE_TYPES = {t for t in _INSTANCE_TYPES if isinstance(t, type)} | {type(Path())}
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+class _MetadataUnpickler(pickle._Unpickler):  # the Python implementation: its opcodes can be overridden
+    """Builds only the allowed classes, and sets state only on their instances: BUILD on a class or a function (e.g.
+    `PosixPath`, with a state that replaces one of its methods) would change it for the whole process."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"it names {module}.{name}, which is not one of DCP's metadata types")
+
+    def load_build(self) -> None:
+        target = self.stack[-2]
+        if isinstance(target, type) or type(target) not in _INSTANCE_TYPES:
+            raise pickle.UnpicklingError(f"it sets the state of {type(target).__name__} {target!r:.60}, which is not an "
+                                         "instance of one of DCP's metadata types")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def untrusted(path: Path, what: str, err: BaseException) -> CheckpointError:

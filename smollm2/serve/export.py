@@ -222,14 +222,14 @@ def write_safetensors(out: Path, model, cfg: Config, info: dict, dtype: str) -> 
 
 
 def _holds_a_run(folder: Path) -> bool:
-    """Whether a folder holds a training run or a checkpoint (what `--force` never replaces)."""
-    markers = ("checkpoints", "metrics.jsonl", ".metadata", "COMPLETE", "meta.json", "train_state.json")
-    return any((folder / name).exists() for name in markers) or next(folder.glob("*/COMPLETE"), None) is not None
+    """Whether a folder holds, at any depth, a training run or a checkpoint (what `--force` never replaces)."""
+    markers = {"checkpoints", "metrics.jsonl", ".metadata", "COMPLETE", "meta.json", "train_state.json"}
+    return any(markers.intersection(dirs) or markers.intersection(files) for _, dirs, files in os.walk(folder))
 
 
 def _check_out(out: Path, source: Path, force: bool) -> None:
-    """Refuse, before anything is loaded or written, an `out` that would overwrite the source, a run, or another folder
-    without --force, or that cannot be written."""
+    """Refuse, before anything is loaded or written, an `out` that would overwrite the source, a run, or a folder that is
+    not an earlier export (--force replaces only those), or that cannot be written."""
     out_r, src_r = out.resolve(), source.resolve()
     if out_r == src_r or out_r in src_r.parents or src_r in out_r.parents:
         where = "is" if out_r == src_r else "contains" if out_r in src_r.parents else "lies inside"
@@ -238,8 +238,12 @@ def _check_out(out: Path, source: Path, force: bool) -> None:
         if out.is_dir() and _holds_a_run(out):
             raise ExportError(f"--out {out} holds a training run or a checkpoint, which --force never replaces: choose "
                               "another --out")
-        if (not out.is_dir() or any(out.iterdir())) and not force:
-            raise ExportError(f"{out} exists and is not empty: choose another --out, or pass --force to replace it")
+        if not out.is_dir() or any(out.iterdir()):
+            if not force:
+                raise ExportError(f"{out} exists and is not empty: choose another --out, or pass --force to replace it")
+            if not (out / INFO_FILE).is_file():
+                raise ExportError(f"--out {out} is not an earlier export (no {INFO_FILE}), and --force replaces only "
+                                  "one: choose another --out")
     ancestor = out.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
