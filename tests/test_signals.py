@@ -187,7 +187,7 @@ def test_a_second_ctrl_c_exits_at_once_without_a_checkpoint(shakespeare_data, tm
     """The first Ctrl-C asks for a checkpoint at the next log step (1000 steps away here); the second ends the run now."""
     run = tmp_path / "run"
     proc = train_sh(run, shakespeare_data, 1, 2000, 2002, "logging.interval=1000", "checkpoint.interval=0")
-    wait_for(lambda: handles_usr1(proc_child(proc.pid)), proc, "the trainer's signal handlers", timeout=60)
+    wait_for(lambda: trainer_handles_sigint(proc.pid), proc, "the trainer's SIGINT handler", timeout=60)
     os.killpg(proc.pid, signal.SIGINT)
     time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGINT)
@@ -204,14 +204,26 @@ def proc_child(pid: int) -> int:
     return found[0] if found else pid
 
 
-def handles_usr1(pid: int) -> bool:
-    """The process has installed a SIGUSR1 handler (SigCgt in /proc/PID/status)."""
+def handles_usr1(pid: int, signum: int = signal.SIGUSR1) -> bool:
+    """The process has installed a handler for `signum` (SigCgt in /proc/PID/status)."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return False
     caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
-    return bool(caught & (1 << (signal.SIGUSR1 - 1)))
+    return bool(caught & (1 << (signum - 1)))
+
+
+def trainer_handles_sigint(script: int) -> bool:
+    """The launch script's trainer catches SIGINT (it starts with SIGINT ignored, as a background child of a script)."""
+    for pid in children(script):
+        try:
+            trainer = b"smollm2.train" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if trainer and handles_usr1(pid, signal.SIGINT):
+            return True
+    return False
 
 
 def test_signal_during_setup_stops_before_the_first_step_without_a_checkpoint(shakespeare_data, tmp_path):
