@@ -110,6 +110,12 @@ PROXIES = {
         overrides=("model.d_model=96", "model.d_mlp=384", "model.vocab_size=1024", "train.dtype=fp32", "data.seq_len=64",
                    "train.device=cpu"),
         about="12 blocks of d_model 96, vocab 1024, B=1 T=64, fp32, CPU, compile on for both: the step is host overhead"),
+    # The reference has no GQA or SwiGLU: this one is compared with `host` (ours), run alternately (bench/NOTES.md)
+    "host-llama": Proxy(
+        config="configs/smollm2_135m_llama.yaml", cases=("B=1,T=64,ac=none,ref=0,compile=true",),
+        overrides=("model.d_model=144", "model.d_mlp=384", "model.vocab_size=1024", "train.dtype=fp32",
+                   "data.seq_len=64", "train.device=cpu"),
+        about="SmolLM2-135M's structure (30 blocks, 9 heads / 3 KV heads, SwiGLU, RMSNorm) with tiny math, as `host`"),
 }
 
 

@@ -19,7 +19,8 @@ prints its table.
 Named proxies (`--proxy NAME`, see `PROXIES` in bench/cases.py) fix a config, overrides and cases; `--proxy host` is the
 GPU-free measure of host overhead: the seed model's structure (12 blocks, FSDP2 root, per-block compile) with
 tiny math, fp32 on CPU, compile on for both, 3 interleaved rounds; options and overrides given on the command line still
-apply on top. `--count-ops` (on for proxies) profiles one more step of each implementation after timing
+apply on top; `--proxy host-llama` is the same for SmolLM2-135M's Llama-style structure (30 thin blocks; ours only).
+`--count-ops` (on for proxies) profiles one more step of each implementation after timing
 (`torch.profiler`, CPU activity): aten ops, all profiler events and the profiled CPU time per step, in the table and the
 JSON.
 """
@@ -66,7 +67,7 @@ class Ours:
         self.optimizer = build_optimizer(self.model, self.cfg.optim, env.device)
         self.batches = random_batches(case, self.cfg.model.vocab_size, env.device, seed=env.rank)
         self.loss_sum = torch.zeros((), device=env.device)
-        self.n_params = self.model.num_params()
+        self.n_params = self.model.flops_params()
 
     def step(self) -> None:
         train_step(self.model, self.optimizer, self.batches, self.cfg.train.grad_accum, self.cfg.optim.grad_clip,
@@ -99,7 +100,7 @@ def make_row(impl: str, case: Case, cfg: Config, env: DistEnv, times: list[float
     world = env.world_size if impl == "smollm2" else 1
     tokens = case.micro_batch * case.seq_len * case.accum * world
     tok_per_s = tokens / (step_ms / 1000)
-    tflops = tok_per_s * flops_per_token(n_params, m.n_layer, m.n_head, m.d_model // m.n_head, case.seq_len) / 1e12
+    tflops = tok_per_s * flops_per_token(n_params, m.n_layer, m.n_head, m.head_dim, case.seq_len) / 1e12
     return {"impl": impl, "case": case.label, "micro_batch": case.micro_batch, "seq_len": case.seq_len,
             "accum": case.accum, "activation_checkpointing": case.ac if impl == "smollm2" else "none",
             "compile": case.compile if impl == "smollm2" else str(compile_on(case, env.device)).lower(),

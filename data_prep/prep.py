@@ -1,10 +1,16 @@
-"""Source -> GPT-2 tokens -> train/val shards + manifest.json, streaming, on all cores.
+"""Source -> tokens (GPT-2's, or any Hugging Face tokenizer.json) -> train/val shards + manifest.json, streaming, on all
+cores.
 
     python -m data_prep --source shakespeare                      # -> data/shakespeare/
     python -m data_prep --source 'corpus/*.jsonl.gz' --val-tokens 1000000 --out data/corpus
+    python -m data_prep --source shakespeare --tokenizer tokenizer.json --out data/shakespeare-2k
 
-Each document is followed by EOS (50256), so a shard split at EOS gives back the documents. Documents go to train or val
-whole. Tokenizing runs on `workers` threads (tiktoken releases the GIL; measured as fast as a multiprocessing pool, with
+Each document is followed by EOS (50256 for GPT-2; the tokenizer's EOS otherwise), so a shard split at EOS gives back
+the documents. Documents go to train or val whole. With `--tokenizer`, the directory also holds a copy of the
+`tokenizer.json` (the dataset is self-contained: training, its checkpoints and exports take the tokenizer from it), the
+manifest records its name, vocab, EOS, pad and sha256, and shards are uint32 when the vocab exceeds 65,536 (shards.py).
+
+Tokenizing runs on `workers` threads (tiktoken releases the GIL; measured as fast as a multiprocessing pool, with
 no pickling) over chunks of documents while this thread reads the next chunk and writes finished ones in order; at most
 `workers + 2` chunks of ~64K characters are in flight, so memory is bounded however large the corpus (one document is
 held whole, except a huge .txt/.md, which is read in pieces: see sources.py).
@@ -35,8 +41,9 @@ from tqdm import tqdm
 from data_prep.sources import Piece, Source, resolve_source
 from smollm2.data.manifest import INCOMPLETE_MARKER, MANIFEST_NAME, MANIFEST_VERSION, read_manifest, write_manifest
 from smollm2.data.shards import MAX_TOKENS, ShardWriter, read_header
-from smollm2.data.tokenizer import EOS_ID, RANKS_SHA256, VOCAB_SIZE, get_tokenizer
+from smollm2.data.tokenizer import EOS_ID, RANKS_SHA256, TOKENIZER_FILE, VOCAB_SIZE, HFTokenizer, get_tokenizer
 from smollm2.errors import DataError
+from smollm2.files import write_synced
 
 DEFAULT_VAL_FRACTION = 0.05
 CHUNK_CHARS = 1 << 16  # text per tokenizer job: small, so the last jobs of a run do not leave cores idle
@@ -52,6 +59,7 @@ class PrepOptions:
     seed: int = 1234
     shard_tokens: int = 100_000_000
     text_field: str = "text"
+    tokenizer: str | None = None  # a Hugging Face tokenizer.json (or a folder holding one); None: GPT-2's BPE
     workers: int = field(default_factory=lambda: len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                          else (os.cpu_count() or 1))
     force: bool = False
@@ -103,8 +111,8 @@ class SplitWriter:
 
     Documents may continue across a shard boundary: the loader reads the shards as one concatenated stream."""
 
-    def __init__(self, out: Path, split: str, shard_tokens: int):
-        self.out, self.split, self.shard_tokens = out, split, shard_tokens
+    def __init__(self, out: Path, split: str, shard_tokens: int, vocab_size: int = VOCAB_SIZE):
+        self.out, self.split, self.shard_tokens, self.vocab_size = out, split, shard_tokens, vocab_size
         self.shards: list[dict[str, Any]] = []
         self.written: list[Path] = []  # shard files this run has completed (removed again if it fails)
         self.writer: ShardWriter | None = None
@@ -113,7 +121,7 @@ class SplitWriter:
     def write(self, tokens: np.ndarray) -> None:
         while tokens.size:
             if self.writer is None:  # opened lazily, so an empty split writes no file
-                self.writer = ShardWriter(self.out / f"{self.split}_{len(self.shards):06d}.bin", VOCAB_SIZE)
+                self.writer = ShardWriter(self.out / f"{self.split}_{len(self.shards):06d}.bin", self.vocab_size)
             room = self.shard_tokens - self.writer.num_tokens
             self.writer.write(tokens[:room])
             self.tokens += min(room, tokens.size)
@@ -144,8 +152,8 @@ class SplitWriter:
 # ---------------------------------------------------------------------------------------------------- tokenizing
 
 
-def _encode_chunk(chunk: list[Piece]) -> list[tuple[np.ndarray, bool]]:
-    tokenizer = get_tokenizer()
+def _encode_chunk(chunk: list[Piece], tokenizer=None) -> list[tuple[np.ndarray, bool]]:
+    tokenizer = tokenizer or get_tokenizer()
     out = []
     for text, ends_document in chunk:
         out.append((tokenizer.encode_numpy(text, eos=ends_document), ends_document))
@@ -165,13 +173,14 @@ def _chunks(pieces: Iterator[Piece]) -> Iterator[list[Piece]]:
         yield chunk
 
 
-def tokenize(pieces: Iterator[Piece], workers: int) -> Iterator[tuple[np.ndarray, bool]]:
-    """(tokens, ends_document) per piece, in source order, EOS appended at each document's end."""
+def tokenize(pieces: Iterator[Piece], workers: int, tokenizer=None) -> Iterator[tuple[np.ndarray, bool]]:
+    """(tokens, ends_document) per piece, in source order, EOS appended at each document's end (GPT-2's tokenizer
+    unless one is given)."""
     in_flight: deque[Future] = deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize") as pool:
         try:
             for chunk in _chunks(pieces):
-                in_flight.append(pool.submit(_encode_chunk, chunk))
+                in_flight.append(pool.submit(_encode_chunk, chunk, tokenizer))
                 while len(in_flight) > workers + 1:
                     yield from in_flight.popleft().result()
             while in_flight:
@@ -184,11 +193,14 @@ def tokenize(pieces: Iterator[Piece], workers: int) -> Iterator[tuple[np.ndarray
 # ---------------------------------------------------------------------------------------------------- prep
 
 
-def fingerprint_of(source: Source, opts: PrepOptions, split: ValSplit) -> str:
-    """Everything that determines the shards: inputs (paths, sizes, mtimes or hashes), options, tokenizer, format."""
+def fingerprint_of(source: Source, opts: PrepOptions, split: ValSplit, tokenizer=None) -> str:
+    """Everything that determines the shards: inputs (paths, sizes, mtimes or hashes), options, tokenizer (its file's
+    sha256 for a Hugging Face one: prepping again with another tokenizer is never a no-op), format."""
+    hf = tokenizer is not None and tokenizer.sha256 is not None
     blob = {
         "format_version": MANIFEST_VERSION,
-        "tokenizer": {"name": get_tokenizer().name, "ranks_sha256": RANKS_SHA256, "eos_id": EOS_ID},
+        "tokenizer": ({"name": tokenizer.name, "sha256": tokenizer.sha256, "eos_id": tokenizer.eos_id} if hf else
+                      {"name": get_tokenizer().name, "ranks_sha256": RANKS_SHA256, "eos_id": EOS_ID}),
         "inputs": source.fingerprint(),
         "split": split.describe(),
         "shard_tokens": opts.shard_tokens,
@@ -210,11 +222,12 @@ def is_up_to_date(out: Path, fingerprint: str) -> bool:
 
 
 def clear_previous(out: Path) -> None:
-    """Before a (re-)prep: mark the directory incomplete, drop the stale manifest, then the old shards."""
+    """Before a (re-)prep: mark the directory incomplete, drop the stale manifest, then the old shards and tokenizer."""
     out.mkdir(parents=True, exist_ok=True)
     (out / INCOMPLETE_MARKER).write_text("a data_prep run started here and has not finished\n")
     (out / MANIFEST_NAME).unlink(missing_ok=True)
-    for pattern in ("train_*.bin", "val_*.bin", "train_*.bin.tmp", "val_*.bin.tmp", MANIFEST_NAME + ".tmp"):
+    for pattern in ("train_*.bin", "val_*.bin", "train_*.bin.tmp", "val_*.bin.tmp", MANIFEST_NAME + ".tmp",
+                    TOKENIZER_FILE, TOKENIZER_FILE + ".tmp"):
         for path in out.glob(pattern):
             path.unlink()
 
@@ -232,20 +245,30 @@ def check_options(opts: PrepOptions) -> None:
         raise DataError(f"--workers must be >= 1, got {opts.workers}")
 
 
+def check_counts(source: str, docs: dict[str, int], empty_docs: int, train_tokens: int) -> None:
+    """What was read can make a dataset: a document, and some train tokens."""
+    if docs["train"] + docs["val"] == 0:
+        raise DataError(f"source {source} holds no documents (all {empty_docs} are empty): nothing to prepare")
+    if train_tokens == 0:
+        raise DataError(f"all {docs['val']} documents of {source} went to val; lower --val-fraction / --val-tokens")
+
+
 def prepare(opts: PrepOptions) -> PrepResult:
     """Prepare the dataset (or find it up to date); return where it is and its manifest."""
     check_options(opts)
-    source = resolve_source(opts.source, opts.text_field)  # a bad source fails here, before anything is written
+    # A bad tokenizer (unreadable, no EOS) or source fails here, before anything is written.
+    tokenizer = get_tokenizer() if opts.tokenizer is None else HFTokenizer(opts.tokenizer)
+    source = resolve_source(opts.source, opts.text_field)
     out = Path(opts.out) if opts.out else Path("data") / source.name
     val_fraction = DEFAULT_VAL_FRACTION if opts.val_fraction is None and opts.val_tokens is None else opts.val_fraction
     split = ValSplit(opts.seed, val_fraction, opts.val_tokens)
-    fingerprint = fingerprint_of(source, opts, split)
+    fingerprint = fingerprint_of(source, opts, split, tokenizer)
     if not opts.force and is_up_to_date(out, fingerprint):
         return PrepResult(out, read_manifest(out) or {}, skipped=True)
 
     start = time.perf_counter()
     clear_previous(out)
-    writers = {"train": SplitWriter(out, "train", opts.shard_tokens), "val": SplitWriter(out, "val", opts.shard_tokens)}
+    writers = {name: SplitWriter(out, name, opts.shard_tokens, tokenizer.vocab_size) for name in ("train", "val")}
     docs = {"train": 0, "val": 0}
     empty_docs = 0
     try:
@@ -253,7 +276,7 @@ def prepare(opts: PrepOptions) -> PrepResult:
         bar = tqdm(desc=f"tokenizing {opts.source}", unit="tok", unit_scale=True, file=sys.stderr,
                    disable=None if opts.progress else True)  # None: off when stderr is not a terminal
         with bar:
-            for tokens, ends_document in tokenize(source.pieces(), opts.workers):
+            for tokens, ends_document in tokenize(source.pieces(), opts.workers, tokenizer):
                 if doc_split is None:
                     doc_split = "val" if split.is_val(doc_index, writers["val"].tokens) else "train"
                 doc_tokens += tokens.size
@@ -270,17 +293,13 @@ def prepare(opts: PrepOptions) -> PrepResult:
                     doc_split, doc_tokens = None, 0
         for writer in writers.values():
             writer.close()
-        if docs["train"] + docs["val"] == 0:
-            raise DataError(f"source {opts.source} holds no documents (all {empty_docs} are empty): nothing to prepare")
-        if writers["train"].tokens == 0:
-            raise DataError(
-                f"all {docs['val']} documents of {opts.source} went to val; lower --val-fraction / --val-tokens"
-            )
+        check_counts(opts.source, docs, empty_docs, writers["train"].tokens)
+        if tokenizer.sha256 is not None:  # a Hugging Face tokenizer: the dataset holds its copy
+            write_synced(out / TOKENIZER_FILE, lambda f: f.write(tokenizer.raw))
         seconds = time.perf_counter() - start
         manifest = {
             "format_version": MANIFEST_VERSION,
-            "tokenizer": {"name": get_tokenizer().name, "vocab_size": VOCAB_SIZE, "eos_id": EOS_ID,
-                          "ranks_sha256": RANKS_SHA256},
+            "tokenizer": tokenizer.describe(),
             "document_separator": "each document is followed by EOS",
             "source": source.describe(),
             "split": {**split.describe(), "seed": opts.seed, "unit": "whole documents"},
@@ -297,6 +316,7 @@ def prepare(opts: PrepOptions) -> PrepResult:
     except BaseException:
         for writer in writers.values():
             writer.abort()
+        (out / TOKENIZER_FILE).unlink(missing_ok=True)
         (out / INCOMPLETE_MARKER).unlink(missing_ok=True)  # nothing of this run is left to mark
         raise
     (out / INCOMPLETE_MARKER).unlink(missing_ok=True)
@@ -319,6 +339,9 @@ def summary(result: PrepResult) -> str:
         f"  {m['replaced_bytes']:,} undecodable bytes replaced; {result.seconds:.1f} s, "
         f"{total / max(result.seconds, 1e-9):,.0f} tok/s",
     ]
+    if (tok := m["tokenizer"]).get("sha256"):
+        lines.append(f"  tokenizer {tok['name']} ({tok['vocab_size']:,} ids, EOS {tok['eos_id']}, pad {tok['pad_id']}; "
+                     f"{'uint16' if tok['vocab_size'] <= 65536 else 'uint32'} shards), copied to {TOKENIZER_FILE}")
     if tokens["val"] == 0:
         lines.append("  warning: the val split is empty (too few documents for the fraction); eval will have no data")
     return "\n".join(lines)
@@ -337,13 +360,16 @@ def parse_args(argv: list[str] | None) -> PrepOptions:
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the val split")
     p.add_argument("--shard-tokens", type=int, default=defaults.shard_tokens, help="tokens per shard")
     p.add_argument("--text-field", default="text", help="JSONL field / Parquet column / HF field holding the text")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="a Hugging Face tokenizer.json (or a folder holding one) instead of GPT-2's BPE; the directory "
+                        "gets a copy (python -m data_prep.tokenizer trains one)")
     p.add_argument("--workers", type=int, default=defaults.workers, help="tokenizer threads (default: all cores)")
     p.add_argument("--force", action="store_true", help="rebuild even if the dataset is up to date")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     return PrepOptions(source=args.source, out=args.out, val_fraction=args.val_fraction, val_tokens=args.val_tokens,
                        seed=args.seed, shard_tokens=args.shard_tokens, text_field=args.text_field,
-                       workers=args.workers, force=args.force, progress=not args.no_progress)
+                       tokenizer=args.tokenizer, workers=args.workers, force=args.force, progress=not args.no_progress)
 
 
 def main(argv: list[str] | None = None) -> int:

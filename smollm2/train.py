@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from smollm2.checkpoint import Checkpointer, ModelAndOptimizer
+from smollm2.checkpoint import Checkpointer, ModelAndOptimizer, read_meta, resolve
 from smollm2.config import Config, load_config, to_dict, to_yaml
 from smollm2.data import Dataset, TrainLoader, ValWindows
-from smollm2.data.tokenizer import get_tokenizer
+from smollm2.data.tokenizer import check_resume_tokenizer, dataset_tokenizer
 from smollm2.distributed import (
     DistEnv,
     check_shared_dir,
@@ -38,7 +38,7 @@ from smollm2.distributed import (
     rank0_decides,
     shutdown,
 )
-from smollm2.errors import STOP_EXIT_CODE, STOP_MARKER, TrainingDiverged
+from smollm2.errors import STOP_EXIT_CODE, STOP_MARKER, CheckpointError, TrainingDiverged
 from smollm2.observe.gradflow import GradientFlow
 from smollm2.observe.metrics import (
     ConsoleSink,
@@ -54,7 +54,7 @@ from smollm2.observe.ranklog import RankLog, fault_hook
 from smollm2.observe.tracking import make_wandb_sink, watching
 from smollm2.optim import LRSchedule, build_optimizer
 from smollm2.parallelize import build_model
-from smollm2.serve.generate import generate
+from smollm2.serve.generate import SpecialIds, generate
 from smollm2.step import train_step, weights_finite
 from smollm2.stopping import StopRequest, mark_stopped
 
@@ -107,6 +107,7 @@ class Run:
         torch.manual_seed(cfg.train.seed + env.rank)
         data, train = cfg.data, cfg.train
         dataset = Dataset.open(data.path, cfg.model.vocab_size)
+        self.tokenizer = dataset_tokenizer(data.path)  # the data's: samples are decoded with it, a resume must match it
         self.loader = TrainLoader(dataset, data.seq_len, data.micro_batch, train.grad_accum, env.rank, env.world_size,
                                   data.seed, device=env.device, prefetch=data.prefetch)
         self.val = ValWindows(dataset, data.seq_len, cfg.eval.windows) if cfg.eval.interval else None
@@ -123,7 +124,7 @@ class Run:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         m = cfg.model
         self.throughput = Throughput(self.tokens_per_step,
-                                     flops_per_token(self.model.num_params(), m.n_layer, m.n_head, m.d_model // m.n_head,
+                                     flops_per_token(self.model.flops_params(), m.n_layer, m.n_head, m.head_dim,
                                                      data.seq_len),
                                      device_peak_tflops(env.device, cfg.logging.peak_tflops), env.world_size)
         self._open_sinks(resumed_from)
@@ -147,17 +148,34 @@ class Run:
         if self.env.local_rank == 0 and restart > 0:  # counted by the node whose rank died
             print(f"rank {self.env.rank}: torchrun restart {restart} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}"
                   ": continuing from the newest complete checkpoint", flush=True)
+        if self.cfg.train.resume:  # before choose(), which may move the checkpoints of other lines aside
+            rank0_decides(lambda: self._check_tokenizer(self.cfg.train.resume))
         path = self.checkpointer.choose(self.cfg.train.resume)
         if path is None:
-            if self.cfg.train.resume:
+            if self.cfg.train.init_from:  # a new run from its weights: a fresh optimizer, step 0, the data from its start
+                rank0_decides(lambda: self._check_tokenizer(self.cfg.train.init_from))
+                source = self.checkpointer.load_model(self.cfg.train.init_from, self.model, self.cfg)
+                self.say(f"init_from: starting a new run from the weights of {source}")
+            elif self.cfg.train.resume:
                 self.say(f"resume=latest: no complete checkpoint in {self.run_dir / 'checkpoints'} yet; starting from "
                          "step 0")
             return None
+        rank0_decides(lambda: self._check_tokenizer(str(path)))  # the one chosen (latest may have skipped a damaged one)
         self.checkpointer.load(path, self.parts(), self.cfg, verified=True)  # choose() checked its files
         for change in self.schedule.changed:
             self.say(f"warning: the LR schedule differs from the checkpoint's ({change}): the curve will jump")
         self.say(f"resumed from {path} at step {self.state.step} (world size {self.env.world_size})")
         return path
+
+    def _check_tokenizer(self, spec: str) -> None:  # rank 0
+        """The checkpoint `spec` names was trained on data of this dataset's tokenizer (see check_resume_tokenizer)."""
+        try:
+            path = resolve(spec, self.checkpointer.root)
+            recorded = None if path is None else read_meta(path).get("tokenizer")
+        except CheckpointError:  # a missing or damaged checkpoint: choose() says so, as for any resume
+            return
+        if path is not None:
+            check_resume_tokenizer(recorded, self.tokenizer, path, self.cfg.data.path)
 
     def _open_sinks(self, resumed_from: Path | None) -> None:
         """Rank 0's sinks (console, JSONL, WandB); the others log nothing. The gradient flow's histograms are collective,
@@ -306,7 +324,7 @@ def _loop(run: Run) -> None:
             if run.val is not None and _due(cfg.eval.interval, step, last):
                 run.metrics.log("eval", {"step": step, **validation_loss(run.model, run.val, cfg, env)})
             if _due(cfg.sample.interval, step, last):
-                write_samples(run.model, cfg, env, step, run.metrics)
+                write_samples(run.model, cfg, env, step, run.metrics, run.tokenizer)
             if _due(cfg.checkpoint.interval, step, last) or last:
                 run.save(grad_norm)
     run.committed()  # the run's last save is committed before it ends
@@ -340,15 +358,14 @@ def validation_loss(model, val: ValWindows, cfg: Config, env: DistEnv) -> dict:
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "windows": val.num_windows}
 
 
-def write_samples(model, cfg: Config, env: DistEnv, step: int, metrics: Metrics) -> None:
-    """One sample per prompt of sample.prompts (prompt i with seed + i: samples differ, and repeat across evals). Decoding
-    feeds the blocks one new token at a time against a growing KV cache: every shape is new, so compiled blocks would
-    recompile per token. Sampling is a small cost; it runs eagerly."""
-    tok = get_tokenizer()
+def write_samples(model, cfg: Config, env: DistEnv, step: int, metrics: Metrics, tok) -> None:
+    """One sample per prompt of sample.prompts (prompt i with seed + i: samples differ, and repeat across evals), in the
+    dataset's tokenizer `tok`. Decoding feeds the blocks one new token at a time against a growing KV cache: every shape
+    is new, so compiled blocks would recompile per token. Sampling is a small cost; it runs eagerly."""
     with torch.compiler.set_stance("force_eager"):
         for i, prompt in enumerate(cfg.sample.prompts):
             settings = dataclasses.replace(cfg.generate, seed=cfg.generate.seed + i)
-            ids = generate(model, tok.encode(prompt), settings, device=env.device)
+            ids = generate(model, tok.encode(prompt), settings, device=env.device, special=SpecialIds.of(tok))
             metrics.log("sample", {"step": step, "prompt": prompt, "text": tok.decode(ids), "tokens": len(ids)})
 
 

@@ -74,6 +74,11 @@ def test_host_proxy_is_a_named_case_with_op_counts():
     (case,) = [parse_case(spec, cfg) for spec in proxy.cases]
     assert (case.micro_batch, case.seq_len, case.compile, case.reference) == (1, 64, "true", True)
     assert proxy.rounds == 3
+    llama = PROXIES["host-llama"]  # SmolLM2-135M's structure, ours only (the reference has no GQA or SwiGLU)
+    llama_cfg = load_config(ROOT / llama.config, list(llama.overrides))
+    assert (llama_cfg.model.n_layer, llama_cfg.model.kv_heads, llama_cfg.model.head_dim, str(llama_cfg.model.mlp)) == \
+        (30, 3, 16, "swiglu")
+    assert [parse_case(spec, llama_cfg).reference for spec in llama.cases] == [False]
     from bench.cases import case_config  # the cpp wrapper lever: the config's setting unless a case names it
 
     assert case_config(cfg, case).train.cpp_wrapper is None

@@ -100,6 +100,20 @@ def test_max_seq_len_does_not_block_a_resume(root, tmp_path):
         check_model_matches({"model": saved}, load_config(root / "configs/tiny.yaml", ["model.n_layer=3"]), tmp_path)
 
 
+
+def test_a_checkpoint_from_before_the_architecture_keys_was_written_with_their_defaults(root, tmp_path):
+    """A model section without n_kv_head, norm, mlp, bias, tie_embeddings (checkpoints before them) is the default
+    architecture: it resumes under it, and another one is refused naming the key. n_kv_head null and = n_head agree."""
+    old = {k: v for k, v in to_dict(load_config(root / "configs/tiny.yaml").model).items()
+           if k not in ("n_kv_head", "norm", "mlp", "bias", "tie_embeddings")}
+    check_model_matches({"model": old}, load_config(root / "configs/tiny.yaml", ["model.n_kv_head=4"]), tmp_path)
+    for override, message in [("model.tie_embeddings=false", "model.tie_embeddings: checkpoint True, config False"),
+                              ("model.norm=rmsnorm", "model.norm: checkpoint 'layernorm', config 'rmsnorm'"),
+                              ("model.n_kv_head=2", "model.n_kv_head: checkpoint 4, config 2")]:
+        with pytest.raises(CheckpointError, match=message):
+            check_model_matches({"model": old}, load_config(root / "configs/tiny.yaml", [override]), tmp_path)
+
+
 # ------------------------------------------------------------------------------------------------ saved configs
 
 

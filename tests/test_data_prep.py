@@ -9,15 +9,18 @@ import sys
 
 import numpy as np
 import pytest
+import tiny
 
 import data_prep.prep as prep_module
 import data_prep.sources as sources
 from data_prep.prep import PrepOptions, ValSplit, prepare
 from data_prep.sources import cache_dir, default_name, find_cut, text_pieces
+from data_prep.tokenizer import TrainOptions
+from data_prep.tokenizer import train as train_tokenizer
 from smollm2.data import Dataset
 from smollm2.data.manifest import INCOMPLETE_MARKER
 from smollm2.data.shards import open_shard
-from smollm2.data.tokenizer import EOS_ID, get_tokenizer
+from smollm2.data.tokenizer import EOS_ID, HFTokenizer, TokenizerError, dataset_tokenizer, get_tokenizer
 from smollm2.errors import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -359,3 +362,101 @@ def test_shakespeare_default_corpus(tmp_path):
     train = split_tokens(result.out, m, "train")
     first_doc = train[: int(np.argmax(train == EOS_ID))]
     assert get_tokenizer().decode(first_doc).lstrip().split("\n")[0].isupper()  # a title line, e.g. "THE TEMPEST"
+
+
+# ---------------------------------------------------------------------------------------------------- any tokenizer
+
+
+def test_prep_with_a_tokenizer_json(tmp_path):
+    """--tokenizer: each document is its ids + the tokenizer's EOS; the directory holds a copy of the tokenizer.json
+    and the manifest describes it; the same tokenizer again is a no-op, another one (or GPT-2's) rebuilds."""
+    write_jsonl(tmp_path / "c.jsonl", DOCS)
+    tok_file = tiny.train_tokenizer(tmp_path / "bpe" / "tokenizer.json", DOCS, 500)
+    tok = HFTokenizer(tok_file)
+    result = run(tmp_path, tmp_path / "c.jsonl", tokenizer=str(tok_file), val_fraction=0.2, shard_tokens=300)
+    out, manifest = result.out, result.manifest
+    assert (out / "tokenizer.json").read_bytes() == tok_file.read_bytes()
+    assert manifest["tokenizer"] == {"name": "bpe", "vocab_size": tok.vocab_size, "eos_id": 0, "pad_id": 1,
+                                     "sha256": hashlib.sha256(tok_file.read_bytes()).hexdigest()}
+    split = ValSplit(seed=1234, fraction=0.2, tokens=None)
+    expected = {"train": [], "val": []}
+    for i, text in enumerate(DOCS):
+        expected["val" if split.is_val(i, 0) else "train"].append(tok.encode(text))
+    for name in ("train", "val"):
+        tokens = split_tokens(out, manifest, name)
+        assert tokens.dtype == np.uint16 and tokens[-1] == 0
+        assert split_docs(tokens, 0) == expected[name]
+    dataset = Dataset.open(out, tok.vocab_size)
+    dataset.verify(tok.vocab_size)
+    assert dataset_tokenizer(out).describe() == manifest["tokenizer"]
+
+    assert run(tmp_path, tmp_path / "c.jsonl", tokenizer=str(tok_file), val_fraction=0.2, shard_tokens=300).skipped
+    other = tiny.train_tokenizer(tmp_path / "bpe2" / "tokenizer.json", DOCS, 450)
+    again = run(tmp_path, tmp_path / "c.jsonl", tokenizer=str(other), val_fraction=0.2, shard_tokens=300)
+    assert not again.skipped and again.manifest["tokenizer"]["sha256"] != manifest["tokenizer"]["sha256"]
+    assert (out / "tokenizer.json").read_bytes() == other.read_bytes()
+    gpt2 = run(tmp_path, tmp_path / "c.jsonl", val_fraction=0.2, shard_tokens=300)
+    assert not gpt2.skipped and "sha256" not in gpt2.manifest["tokenizer"] and not (out / "tokenizer.json").exists()
+
+
+def split_docs(tokens, eos):
+    """The documents of a stream in which each is followed by `eos` (split_at_eos for any EOS id)."""
+    docs, current = [], []
+    for token in tokens.tolist():
+        if token == eos:
+            docs.append(current)
+            current = []
+        else:
+            current.append(token)
+    assert not current, "the stream does not end with EOS"
+    return docs
+
+
+def test_prep_with_a_vocab_over_65536_writes_uint32_shards(tmp_path):
+    tok_file = tiny.word_level_tokenizer(tmp_path / "words" / "tokenizer.json", 70_000)  # + [UNK] and EOS: 70,002 ids
+    texts = [" ".join(f"w{(i * 7919 + j * 104_729) % 70_000}" for j in range(50)) for i in range(30)]
+    write_jsonl(tmp_path / "c.jsonl", texts)
+    result = run(tmp_path, tmp_path / "c.jsonl", tokenizer=str(tok_file), val_fraction=0.0)
+    assert result.manifest["tokenizer"]["vocab_size"] == 70_002 and result.manifest["tokenizer"]["eos_id"] == 70_001
+    tokens = split_tokens(result.out, result.manifest, "train")
+    assert tokens.dtype == np.uint32 and tokens.max() > 65_535
+    assert split_docs(tokens, 70_001) == [[int(w[1:]) + 1 for w in t.split()] for t in texts]
+    shard = result.out / result.manifest["shards"][0]["file"]
+    assert np.frombuffer(shard.read_bytes()[:12], dtype="<i4").tolist() == [20240801, 7, len(tokens)]
+    dataset = Dataset.open(result.out, 70_002)
+    assert dataset.train.read(0, 50).tolist() == tokens[:50].tolist()
+    with pytest.raises(DataError, match="was tokenized with a 70002-token vocab, the model has 50258"):
+        Dataset.open(result.out)
+
+
+def test_prep_refuses_a_tokenizer_without_eos_and_writes_nothing(tmp_path):
+    write_jsonl(tmp_path / "c.jsonl", DOCS)
+    no_eos = tiny.word_level_tokenizer(tmp_path / "tokenizer.json", 10, eos=None)
+    with pytest.raises(TokenizerError, match="has no EOS token"):
+        run(tmp_path, tmp_path / "c.jsonl", tokenizer=str(no_eos))
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_a_tokenizer_on_a_source(tmp_path):
+    """python -m data_prep.tokenizer's training: byte-level BPE, <|endoftext|> = 0 and <|pad|> = 1, at most the vocab
+    asked for, from what data_prep reads; every bad input refused before anything is written."""
+    write_jsonl(tmp_path / "c.jsonl", DOCS)
+    out = tmp_path / "tok" / "tokenizer.json"
+    trained = train_tokenizer(TrainOptions(source=str(tmp_path / "c.jsonl"), vocab_size=300, out=str(out),
+                                           progress=False))
+    assert trained.out == out and trained.vocab_size == 300 and trained.documents == len(DOCS)
+    tok = HFTokenizer(out)
+    assert (tok.eos_id, tok.pad_id, tok.vocab_size) == (0, 1, 300)
+    assert all(tok.decode(tok.encode(text)) == text for text in DOCS)  # byte-level: nothing is unknown
+    for options, message in [({"vocab_size": 200}, "--vocab-size must be more than 258"),
+                             ({"out": str(out)}, "exists: choose another --out, or pass --force"),
+                             ({"out": str(tmp_path)}, "is a directory"),
+                             ({"source": str(tmp_path / "nope")}, "source not found")]:
+        before = out.read_bytes()
+        kwargs = {"source": str(tmp_path / "c.jsonl"), "vocab_size": 400, "out": str(tmp_path / "new.json"), **options}
+        with pytest.raises(DataError, match=message):
+            train_tokenizer(TrainOptions(progress=False, **kwargs))
+        assert out.read_bytes() == before and not (tmp_path / "new.json").exists()
+    forced = train_tokenizer(TrainOptions(source=str(tmp_path / "c.jsonl"), vocab_size=280, out=str(out), force=True,
+                                          progress=False))
+    assert forced.vocab_size == 280 and HFTokenizer(out).vocab_size == 280

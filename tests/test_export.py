@@ -21,7 +21,7 @@ from smollm2.config import GenerateConfig, load_config  # noqa: E402
 from smollm2.data.tokenizer import EOS_ID, PAD_ID, get_tokenizer  # noqa: E402
 from smollm2.errors import UserError  # noqa: E402
 from smollm2.serve import export as export_module  # noqa: E402
-from smollm2.serve.export import export, neox_config, write_safetensors  # noqa: E402
+from smollm2.serve.export import export, hf_model_config, write_safetensors  # noqa: E402
 from smollm2.serve.generate import generate  # noqa: E402
 from smollm2.serve.loading import load_model_for_inference  # noqa: E402
 
@@ -133,7 +133,7 @@ def test_seed_shape_exports_exactly_123_654_144_parameters():
 
     cfg = load_config(ROOT / "configs/smollm2_135.yaml")
     with torch.device("meta"):
-        model = GPTNeoXForCausalLM(neox_config(cfg.model))
+        model = GPTNeoXForCausalLM(hf_model_config(cfg.model))
     assert sum(p.numel() for p in model.parameters()) == 123_654_144
     assert model.config.max_position_embeddings == 2048 and model.config.rope_parameters["rope_theta"] == 10000
 

@@ -30,8 +30,8 @@ GREEDY = GenerateConfig(temperature=0.0, max_new_tokens=20, stop_at_eos=False)
 SAMPLED = GenerateConfig(temperature=1.0, top_k=50, top_p=0.95, max_new_tokens=20, stop_at_eos=False, seed=11)
 
 
-def tiny_model() -> SmolLM:
-    cfg = dataclasses.replace(load_config(ROOT / "configs/tiny.yaml").model, init_std=0.1)
+def tiny_model(config: str = "configs/tiny.yaml") -> SmolLM:
+    cfg = dataclasses.replace(load_config(ROOT / config).model, init_std=0.1)
     model = SmolLM(cfg)
     model.init_weights(0)
     return model.eval()
@@ -40,6 +40,12 @@ def tiny_model() -> SmolLM:
 @pytest.fixture(scope="module")
 def model() -> SmolLM:
     return tiny_model()
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny_llama"])
+def any_model(request) -> SmolLM:
+    """The batching properties for both architectures (tiny_llama: grouped-query attention, its KV cache of 2 heads)."""
+    return tiny_model(f"configs/{request.param}.yaml")
 
 
 def random_prompts(*lengths: int, seed: int = 0) -> list[list[int]]:
@@ -58,14 +64,14 @@ def one_by_one(model, prompts, cfg, seeds=None) -> list[list[int]]:
 # ------------------------------------------------------------------------------------------------------ the model
 
 
-def test_left_padded_rows_get_each_prompt_s_own_logits(model):
+def test_left_padded_rows_get_each_prompt_s_own_logits(any_model):
     pads = [16, 12, 0]
     ids = torch.tensor([[PAD_ID] * pad + prompt for pad, prompt in zip(pads, PROMPTS)])
     with torch.no_grad():
-        batched = model(ids, left_pad=torch.tensor(pads))
-        unmasked = model(ids)
+        batched = any_model(ids, left_pad=torch.tensor(pads))
+        unmasked = any_model(ids)
         for row, (pad, prompt) in enumerate(zip(pads, PROMPTS)):
-            alone = model(torch.tensor([prompt]))[0]
+            alone = any_model(torch.tensor([prompt]))[0]
             torch.testing.assert_close(batched[row, pad:, :50257], alone[:, :50257], atol=1e-4, rtol=1e-4)
             assert torch.isfinite(batched[row, :, :50257]).all()  # padding queries too: no empty softmax row
             if pad:  # the padding matters: seen, it changes the logits
@@ -75,29 +81,30 @@ def test_left_padded_rows_get_each_prompt_s_own_logits(model):
 # ------------------------------------------------------------------------------------------------ batch == alone
 
 
-def test_batched_greedy_equals_one_by_one(model, monkeypatch):
-    batched = generate_batch(model, PROMPTS, GREEDY)
-    assert batched == one_by_one(model, PROMPTS, GREEDY)
+def test_batched_greedy_equals_one_by_one(any_model, monkeypatch):
+    batched = generate_batch(any_model, PROMPTS, GREEDY)
+    assert batched == one_by_one(any_model, PROMPTS, GREEDY)
     assert [len(out) for out in batched] == [20, 20, 20]
     # the control: the same batch with the padding visible (no mask, positions counted from the padding) decodes otherwise
-    forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda idx, *args, left_pad=None, **kwargs: forward(idx, *args, **kwargs))
-    assert generate_batch(model, PROMPTS, GREEDY) != batched
+    forward = any_model.forward
+    monkeypatch.setattr(any_model, "forward", lambda idx, *args, left_pad=None, **kwargs: forward(idx, *args, **kwargs))
+    assert generate_batch(any_model, PROMPTS, GREEDY) != batched
 
 
-def test_batched_sampling_equals_one_by_one_with_the_same_seeds(model):
-    batched = generate_batch(model, PROMPTS, SAMPLED)  # row r: seed 11 + r
-    assert batched == one_by_one(model, PROMPTS, SAMPLED)
+def test_batched_sampling_equals_one_by_one_with_the_same_seeds(any_model):
+    batched = generate_batch(any_model, PROMPTS, SAMPLED)  # row r: seed 11 + r
+    assert batched == one_by_one(any_model, PROMPTS, SAMPLED)
     assert len(set(map(tuple, batched))) == 3 and all(len(set(out)) > 5 for out in batched)  # real draws, not a constant
     # a row does not depend on the batch around it: other order, other company, explicit seeds
-    assert generate_batch(model, PROMPTS[::-1], SAMPLED, seeds=[13, 12, 11]) == batched[::-1]
+    assert generate_batch(any_model, PROMPTS[::-1], SAMPLED, seeds=[13, 12, 11]) == batched[::-1]
     extra = random_prompts(9, seed=1)[0]
-    assert generate_batch(model, [extra, PROMPTS[2]], SAMPLED, seeds=[5, 13])[1] == batched[2]
+    assert generate_batch(any_model, [extra, PROMPTS[2]], SAMPLED, seeds=[5, 13])[1] == batched[2]
 
 
-def test_kv_cache_with_left_padded_rows_equals_full_recompute(model):
+def test_kv_cache_with_left_padded_rows_equals_full_recompute(any_model):
     for cfg in (GREEDY, SAMPLED):
-        assert generate_batch(model, PROMPTS, cfg, use_cache=True) == generate_batch(model, PROMPTS, cfg, use_cache=False)
+        cached = generate_batch(any_model, PROMPTS, cfg, use_cache=True)
+        assert cached == generate_batch(any_model, PROMPTS, cfg, use_cache=False)
 
 
 def test_a_fixed_seed_reproduces(model):

@@ -32,6 +32,7 @@ def test_group_names():
     assert group_of("blocks.3._orig_mod.mlp.fc.bias") == "block_03/mlp"  # compiled blocks
     assert group_of("blocks.3._checkpoint_wrapped_module.attn.proj.weight") == "block_03/attn"
     assert group_of("norm.weight") == "final_norm"
+    assert group_of("head.weight") == "head"  # an untied LM head
 
 
 def _setup():

@@ -16,7 +16,7 @@ LAYERS = [
     {"parallelize", "optim", "step", "checkpoint", "observe"},
     {"serve", "stopping"},
     {"train"},
-    {"generate", "export", "app", "evaluate", "plot", "hf_tokenizer"},  # the commands users type (python -m smollm2.X)
+    {"generate", "export", "app", "evaluate", "plot", "hf_tokenizer", "convert"},  # the commands users type (python -m smollm2.X)
 ]
 LAYER = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
 COMMANDS = LAYERS[-1]

@@ -9,6 +9,11 @@ from smollm2.model.model import naive_attention
 from smollm2.model.rotary import apply_rope, rope_cos_sin
 
 TINY = ModelConfig(n_layer=2, n_head=4, d_model=64, d_mlp=256, max_seq_len=64)
+# The same size in SmolLM2-135M's architecture: GQA (2 KV heads for 4), SwiGLU, RMSNorm, no biases; untied here, so that
+# both head layouts are covered (configs/tiny_llama.yaml ties them, as SmolLM2 does)
+LLAMA = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_mlp=176, norm="rmsnorm", mlp="swiglu", bias=False,
+                    tie_embeddings=False, max_seq_len=64, rope_theta=100000.0)
+ARCHS = pytest.mark.parametrize("arch", [TINY, LLAMA], ids=["gpt2", "llama"])
 
 
 def make_model(cfg=TINY, seed=0, **changes):
@@ -31,6 +36,29 @@ def test_parameter_counts_match_the_spec(root):
     assert table["final norm"] == 1_536
     assert table["total"] == 123_654_144
     assert table["total as stored (vocab padded to 50304)"] == 123_654_144 + 46 * 768
+
+
+def test_the_smollm2_135m_preset_has_the_released_shape(root):
+    cfg = load_config(root / "configs/smollm2_135m_llama.yaml").model
+    table = dict(parameter_table(cfg))
+    assert table["total"] == table["total as stored (vocab padded to 49152)"] == 134_515_008
+    assert table["token embeddings (tied with LM head)"] == 49_152 * 576
+    assert table["  attention QKV (weight, 3 KV heads)"] == 576 * (9 + 2 * 3) * 64
+    assert table["  MLP gate + up (weight)"] == 2 * 576 * 1536 and table["  norms (2 x RMSNorm)"] == 2 * 576
+    tiny = load_config(root / "configs/tiny_llama.yaml").model
+    assert (tiny.kv_heads, tiny.norm, tiny.mlp, tiny.bias) == (2, "rmsnorm", "swiglu", False)
+
+
+def test_llama_style_init_and_an_untied_padded_head():
+    model = make_model(LLAMA)
+    assert model.head.weight is not model.embed.weight and model.head.weight.shape == model.embed.weight.shape
+    assert torch.all(model.head.weight[50258:] == 0) and torch.all(model.embed.weight[50258:] == 0)
+    assert abs(model.head.weight[:50258].std().item() - 0.02) < 0.001
+    assert all(m.bias is None for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert isinstance(model.norm, torch.nn.RMSNorm) and torch.all(model.norm.weight == 1)
+    assert model.blocks[0].attn.qkv.weight.shape == ((4 + 2 * 2) * 16, 64)
+    assert model.num_params(logical=True) == sum(p.numel() for p in model.parameters()) - 2 * 46 * 64
+    assert model.flops_params() == model.num_params() - 50258 * 64  # the untied table is a lookup
 
 
 def test_parameter_table_cli(capsys):
@@ -56,15 +84,16 @@ def test_init_is_gpt2_style():
     assert torch.all(model.norm.weight == 1) and torch.all(model.norm.bias == 0)
 
 
-def test_meta_device_build_then_init_equals_eager_init():
+@ARCHS
+def test_meta_device_build_then_init_equals_eager_init(arch):
     with torch.device("meta"):
-        meta = SmolLM(TINY)
+        meta = SmolLM(arch)
     meta.materialize("cpu")
     meta.init_weights(3)
-    eager = make_model(seed=3)
+    eager = make_model(arch, seed=3)
     for (name, a), (_, b) in zip(meta.state_dict().items(), eager.state_dict().items()):
         assert torch.equal(a, b), name
-    assert meta.head.weight is meta.embed.weight
+    assert (meta.head.weight is meta.embed.weight) == arch.tie_embeddings
 
 
 def test_rope_tables_are_buffers_that_match_computing_them():
@@ -104,9 +133,10 @@ def test_loss_is_finite_and_gives_padding_no_gradient():
     assert torch.all(model.embed.weight.grad[50258:] == 0)
 
 
+@ARCHS
 @pytest.mark.parametrize("attention", ["sdpa", "naive"])
-def test_causality(attention):
-    model = make_model(attention=attention).eval()
+def test_causality(attention, arch):
+    model = make_model(arch, attention=attention).eval()
     idx = torch.randint(0, 50000, (1, 24))
     changed = idx.clone()
     t = 13
@@ -160,17 +190,19 @@ def test_sdpa_matches_naive_attention():
     ref = naive_attention(q, k, v, 0)
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    sdpa_model, naive_model = make_model(attention="sdpa"), make_model(attention="naive")
-    idx = torch.randint(0, 50000, (2, 20))
-    with torch.no_grad():
-        a, b = sdpa_model(idx), naive_model(idx)
-    torch.testing.assert_close(a[..., :50258], b[..., :50258], atol=1e-4, rtol=1e-4)
+    for arch in (TINY, LLAMA):  # GQA: SDPA shares each KV head itself, the reference repeats it
+        sdpa_model, naive_model = make_model(arch, attention="sdpa"), make_model(arch, attention="naive")
+        idx = torch.randint(0, 50000, (2, 20))
+        with torch.no_grad():
+            a, b = sdpa_model(idx), naive_model(idx)
+        torch.testing.assert_close(a[..., :50258], b[..., :50258], atol=1e-4, rtol=1e-4)
 
 
-def test_kv_cache_prefill_and_decode_match_full_forward():
+@ARCHS
+def test_kv_cache_prefill_and_decode_match_full_forward(arch):
     from smollm2.model.model import KVCache
 
-    model = make_model().eval()
+    model = make_model(arch).eval()
     idx = torch.randint(0, 50000, (1, 20))
     with torch.no_grad():
         full = model(idx)

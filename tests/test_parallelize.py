@@ -47,7 +47,7 @@ def _batches(vocab: int, steps: int = 4, accum: int = 2) -> list[list[tuple[torc
     return out
 
 
-def _losses_by_layout(rank: int) -> dict:
+def _losses_by_layout(rank: int, config: str) -> dict:
     """fp32, three steps of each (recompute, FSDP units) layout from the same weights and batches."""
     import torch.distributed as dist
 
@@ -61,7 +61,7 @@ def _losses_by_layout(rank: int) -> dict:
     env = DistEnv(rank, dist.get_world_size(), rank, torch.device("cpu"))
     out = {}
     for mode, wrap in (("none", "block"), ("none", "root"), ("full", "root"), ("selective", "block")):
-        cfg = load_config(ROOT / "configs/tiny.yaml", ["train.device=cpu", "train.dtype=fp32", "train.compile=false",
+        cfg = load_config(ROOT / config, ["train.device=cpu", "train.dtype=fp32", "train.compile=false",
                                                         f"train.activation_checkpointing={mode}", f"train.fsdp_wrap={wrap}"])
         model = build_model(cfg, env)
         optimizer = build_optimizer(model, cfg.optim, env.device)
@@ -70,8 +70,10 @@ def _losses_by_layout(rank: int) -> dict:
 
 
 @pytest.mark.multirank
-def test_activation_checkpointing_and_fsdp_units_do_not_change_the_math(tmp_path):
-    ((status, by_layout),) = multirank.run_ranks(_losses_by_layout, [()], tmp_path, timeout=240, group_timeout_s=60)
+@pytest.mark.parametrize("config", ["configs/tiny.yaml", "configs/tiny_llama.yaml"])
+def test_activation_checkpointing_and_fsdp_units_do_not_change_the_math(tmp_path, config):
+    ((status, by_layout),) = multirank.run_ranks(_losses_by_layout, [(config,)], tmp_path, timeout=240,
+                                                 group_timeout_s=60)
     assert status == "ok", by_layout
     for layout in (("none", "root"), ("full", "root"), ("selective", "block")):
         assert by_layout[layout] == pytest.approx(by_layout["none", "block"], rel=1e-6), layout

@@ -1,4 +1,5 @@
-"""Past one node, on CPU with gloo: HSDP checkpoints that resume under plain FSDP at other world sizes (and back), two
+"""Past one node, on CPU with gloo: HSDP checkpoints that resume under plain FSDP at other world sizes (and back), a
+Llama-style model (GQA, SwiGLU, RMSNorm, an untied head) that resumes at other world sizes alike, two
 torchrun agents meeting through a c10d rendezvous on localhost (as on two hosts) computing what one standalone torchrun
 computes, elastic restarts after a `kill -9` that finish the job by themselves, and checkpoints saved in the background.
 
@@ -164,6 +165,28 @@ def test_hsdp_checkpoint_resumes_under_fsdp(hsdp, shakespeare_data, tmp_path, np
 
 def test_fsdp_checkpoint_resumes_under_hsdp(reference, shakespeare_data, tmp_path):
     resume_and_compare(reference, 10, 4, shakespeare_data, tmp_path / "run", reference, "train.dp_shard=2")
+
+
+# ---------------------------------------------------------------------------------------------------- Llama-style
+
+# configs/tiny_llama.yaml's architecture on the tiny model (GQA, SwiGLU, RMSNorm, no biases), untied here: an LM head of
+# its own in FSDP2's root unit
+LLAMA = ["model.n_kv_head=2", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=false", "model.d_mlp=176",
+         "model.tie_embeddings=false"]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory, shakespeare_data) -> Path:
+    run = tmp_path_factory.mktemp("llama") / "run"
+    standalone(2, shakespeare_data, run, f"train.max_steps={STEPS}", *LLAMA)
+    return run
+
+
+@pytest.mark.parametrize("nproc", [1, 3])
+def test_a_llama_style_model_trains_and_resumes_at_other_world_sizes(llama, shakespeare_data, tmp_path, nproc):
+    steps = records(llama)
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.3  # it trains
+    resume_and_compare(llama, 8, nproc, shakespeare_data, tmp_path / "run", llama, *LLAMA)
 
 
 # ------------------------------------------------------------------------------------------------- two "nodes", c10d

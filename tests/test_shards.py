@@ -8,6 +8,7 @@ import pytest
 from smollm2.data.shards import (
     HEADER_BYTES,
     MAGIC,
+    MAGIC_U32,
     ShardWriter,
     open_shard,
     read_header,
@@ -127,3 +128,32 @@ def test_the_id_scan_reports_the_first_bad_id_in_any_block(tmp_path, monkeypatch
     with pytest.raises(DataError, match=r"token id 50258 at position 700 is >= the vocab size 50258"):
         open_shard(path, vocab_size=50258)
     open_shard(path, vocab_size=65536)  # a larger vocab covers every uint16
+
+
+def test_a_vocab_over_65536_is_written_as_uint32_under_llmcs_uint32_header(tmp_path):
+    """uint16 while the vocab fits; above, uint32 with the header llm.c's Python writer gives uint32 tokens (magic
+    20240801, version 7), which an independent writer's file matches byte for byte and the reader maps as uint32."""
+    tokens = np.array([0, 65535, 65536, 99_999, 7])
+    path = tmp_path / "train_000000.bin"
+    sha256 = write_shard(path, tokens, vocab_size=100_000)
+    raw = path.read_bytes()
+    assert len(raw) == HEADER_BYTES + 4 * len(tokens) and sha256 == hashlib.sha256(raw).hexdigest()
+    header = np.frombuffer(raw[:HEADER_BYTES], dtype="<i4")
+    assert header[:3].tolist() == [MAGIC_U32, 7, 5] and not header[3:].any()
+    reference = np.zeros(256, dtype=np.int32)
+    reference[:3] = 20240801, 7, len(tokens)
+    assert raw == reference.tobytes() + tokens.astype("<u4").tobytes()
+    assert read_header(path) == 5
+    mapped = open_shard(path, vocab_size=100_000)
+    assert mapped.dtype == np.dtype("<u4") and mapped.tolist() == tokens.tolist()
+    with pytest.raises(DataError, match="token id 99999 at position 3 is >= the vocab size 70000"):
+        open_shard(path, vocab_size=70_000)
+    write_shard(tmp_path / "small.bin", tokens[:1], vocab_size=65_536)  # the largest vocab that still fits uint16
+    assert (tmp_path / "small.bin").stat().st_size == HEADER_BYTES + 2
+
+
+def test_a_uint32_header_of_another_version_is_refused(tmp_path):
+    path = tmp_path / "bad_shard.bin"
+    write_llmc_shard(path, [1, 2, 3], magic=MAGIC_U32, version=1)
+    with pytest.raises(DataError, match=r"unsupported version 1 \(expected 7, uint32 tokens\)"):
+        open_shard(path)

@@ -99,3 +99,34 @@ def parts(model, optimizer, **train_state: Any) -> dict[str, Any]:
     from smollm2.checkpoint import ModelAndOptimizer
 
     return {"model": ModelAndOptimizer(model, optimizer), "train": JsonPart(**train_state)}
+
+
+def train_tokenizer(path: Path, texts: list[str], vocab_size: int) -> Path:
+    """A byte-level BPE trained in this process on `texts`, as `python -m data_prep.tokenizer` trains one (<|endoftext|>
+    = 0, <|pad|> = 1), saved as `path`: tests build their tokenizers offline."""
+    from tokenizers import pre_tokenizers, trainers
+
+    from data_prep.tokenizer import SPECIAL_TOKENS, new_tokenizer
+
+    tok = new_tokenizer()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+
+def word_level_tokenizer(path: Path, words: int, eos: str | None = "<|endoftext|>") -> Path:
+    """A WordLevel tokenizer.json of `words` words w0, w1, ... split at whitespace (+ `eos` as a special token, and
+    [UNK]): a vocab of any size, built in milliseconds."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i + 1 for i in range(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if eos is not None:
+        tok.add_special_tokens([AddedToken(eos, special=True, normalized=False)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path

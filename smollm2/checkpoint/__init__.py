@@ -32,7 +32,7 @@ from smollm2.checkpoint.layout import (
 
 # The manager (torch, DCP) is imported on first use: `python -m smollm2.checkpoint`, which the launch scripts run before
 # and after every phase, then starts without importing torch.
-_MANAGER = {"Checkpointer", "ModelAndOptimizer", "check_model_matches", "load_weights"}
+_MANAGER = {"Checkpointer", "ModelAndOptimizer", "ModelWeights", "check_model_matches", "load_weights"}
 
 
 def __getattr__(name: str):
@@ -43,6 +43,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'smollm2.checkpoint' has no attribute {name!r}")
 
 
-__all__ = ["COMPLETE", "CheckpointStorage", "Checkpointer", "ModelAndOptimizer", "check_model_matches", "checkpoint_step",
-           "file_digest", "find_latest", "is_complete", "list_checkpoints", "load_weights", "read_meta", "resolve",
-           "step_dir_name", "verify_files"]
+__all__ = ["COMPLETE", "CheckpointStorage", "Checkpointer", "ModelAndOptimizer", "ModelWeights", "check_model_matches",
+           "checkpoint_step", "file_digest", "find_latest", "is_complete", "list_checkpoints", "load_weights", "read_meta",
+           "resolve", "step_dir_name", "verify_files"]

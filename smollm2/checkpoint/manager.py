@@ -7,6 +7,8 @@ A run hands the manager its stateful parts (each with `state_dict` / `load_state
 
 "model" is written sharded by DCP (every rank its part; DCP reshards on load, so a checkpoint resumes at any world
 size); every other part as JSON in train_state.json: "train" at its top level, the others under their names.
+`ModelWeights(model)` is the model alone: what `python -m smollm2.convert` saves, and what `load_model` (train.init_from)
+reads from any checkpoint.
 
 The lifecycle (docs/checkpoints.md, "What is guaranteed"):
 - Resuming sets aside what would otherwise be mistaken for this run's line: `--resume latest` renames a damaged newer
@@ -30,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
 
 from smollm2.checkpoint.background import BackgroundSave, host_stager, start_write
 from smollm2.checkpoint.integrity import damaged, problems, verify_files
@@ -46,12 +48,14 @@ from smollm2.checkpoint.layout import (
 from smollm2.checkpoint.rng import load_rng
 from smollm2.checkpoint.save import SaveJob, root_cause, warn
 from smollm2.checkpoint.trust import TrustedPlanner, TrustedReader
-from smollm2.config import MAY_DIFFER_ON_RESUME, Config, to_dict
+from smollm2.config import MAY_DIFFER_ON_RESUME, Config, ModelConfig, to_dict
 from smollm2.distributed import every_rank, rank0_decides
 from smollm2.errors import CheckpointError
 
 # Optimizer param-group keys that say how the update runs, not what it computes: loading keeps the running optimizer's.
 _UPDATE_IMPLEMENTATION = ("foreach", "fused", "capturable")
+# A train_state.json key: the checkpoint holds the model's weights alone (ModelWeights), so no run can continue from it.
+WEIGHTS_ONLY = "weights_only"
 
 
 class Stateful(Protocol):
@@ -78,14 +82,53 @@ class ModelAndOptimizer:
             group.update(flags)  # the checkpoint's: a GPU run's fused update resumed on CPU runs as configured there
 
 
-def check_model_matches(meta: dict[str, Any], cfg: Config, path: Path) -> None:
+class ModelWeights:
+    """The model alone, under the entry ModelAndOptimizer saves it in ("model"): what `python -m smollm2.convert` saves
+    (a step-0 checkpoint without optimizer state, WEIGHTS_ONLY in its train state), and what `train.init_from` reads
+    from any checkpoint (its optimizer's entries are left unread)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": get_model_state_dict(self.model)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state["model"])
+
+
+def check_model_matches(meta: dict[str, Any], cfg: Config, path: Path,
+                        fix: str = "resume with the same model config or start a new run_dir") -> None:
     """The checkpoint's model section against this run's: every key but those a resume may change must be equal."""
-    saved, current = meta.get("model", {}), to_dict(cfg.model)
+    # A key the checkpoint lacks was added since it was written: it was written with the default. n_kv_head: null and
+    # n_head are the same shape.
+    saved = {**to_dict(ModelConfig()), **meta.get("model", {})}
+    current = to_dict(cfg.model)
+    for section in (saved, current):
+        section["n_kv_head"] = section["n_kv_head"] or section["n_head"]
     diffs = [f"model.{k}: checkpoint {saved[k]!r}, config {current[k]!r}" for k in current
-             if k in saved and k not in MAY_DIFFER_ON_RESUME and saved[k] != current[k]]
+             if k not in MAY_DIFFER_ON_RESUME and saved[k] != current[k]]
     if diffs:
-        raise CheckpointError(f"{path} was written for another model shape ({'; '.join(diffs)}); "
-                              "resume with the same model config or start a new run_dir")
+        raise CheckpointError(f"{path} was written for another model shape ({'; '.join(diffs)}); {fix}")
+
+
+def refuse_weights_only(path: Path, train_state: dict[str, Any]) -> None:
+    """A resume needs the optimizer state and the data position, which a weights-only checkpoint does not hold."""
+    if train_state.get(WEIGHTS_ONLY):
+        raise CheckpointError(f"{path} holds weights only (python -m smollm2.convert wrote it: no optimizer state, no data "
+                              f"position), so no run continues from it: start a new run from it with "
+                              f"train.init_from={path} instead of --resume")
+
+
+def load_sharded(path: Path, part: Stateful) -> None:
+    """Collective: DCP reads `part`'s entries of the checkpoint at `path` into it, resharded to this world size (DCP shares
+    its failures between the ranks; nothing in the files runs as code: trust.py)."""
+    state = part.state_dict()
+    try:
+        dcp.load(state, storage_reader=TrustedReader(path), planner=TrustedPlanner(path))
+    except (Exception, CheckpointException) as err:  # DCP raises assorted errors for damaged/foreign files
+        raise load_failure(path, err) from None
+    part.load_state_dict(state)
 
 
 def load_failure(path: Path, err: BaseException) -> CheckpointError:
@@ -152,6 +195,7 @@ class Checkpointer:
         path = resolve(spec, self.root)
         if wrong := self._problems(path):
             raise damaged(path, wrong)
+        refuse_weights_only(path, read_train_state(path))  # before any checkpoint here is moved aside
         self._abandon_other_lines(path)
         return str(path)
 
@@ -244,18 +288,32 @@ class Checkpointer:
         check_model_matches(meta, cfg, path)
         if not verified:
             verify_files(path, meta, self.rank, self.world_size)
-        state = parts["model"].state_dict()
-        try:  # DCP shares its failures between the ranks; nothing in the files runs as code (trust.py)
-            dcp.load(state, storage_reader=TrustedReader(path), planner=TrustedPlanner(path))
-        except (Exception, CheckpointException) as err:  # DCP raises assorted errors for damaged/foreign files
-            raise load_failure(path, err) from None
-        parts["model"].load_state_dict(state)
         saved = rank0_decides(lambda: read_train_state(path))
+        refuse_weights_only(path, saved)
+        load_sharded(path, parts["model"])
         for name, part in parts.items():
             if name != "model":
                 part.load_state_dict(saved if name == "train" else saved.get(name, {}))
         every_rank(lambda: load_rng(path, meta, self.rank, self.world_size))
         self.loaded = Path(path)
+
+    def load_model(self, spec: str, model: torch.nn.Module, cfg: Config) -> Path:
+        """Collective, for `train.init_from`: the weights alone of the checkpoint `spec` names (its directory, a run
+        directory, `.../latest`), resharded onto this run's model at any world size; its optimizer state, data position,
+        step and RNG are not read, and `self.loaded` stays None (this is a new run). The files are checked first, and
+        the model section must match `cfg.model`. Returns the checkpoint's path."""
+        def find() -> str:  # rank 0
+            path = resolve(spec, Path(spec))
+            if path is None:
+                raise CheckpointError(f"train.init_from={spec}: no complete checkpoint there")
+            return str(path)
+
+        path = Path(rank0_decides(find))
+        meta = rank0_decides(lambda: read_meta(path))
+        check_model_matches(meta, cfg, path, "set model.* to the checkpoint's (its config.yaml) to start from it")
+        verify_files(path, meta, self.rank, self.world_size)
+        load_sharded(path, ModelWeights(model))
+        return path
 
 
 def load_weights(path: Path, model: torch.nn.Module) -> dict[str, Any]:

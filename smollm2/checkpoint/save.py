@@ -4,9 +4,10 @@ background save (smollm2/checkpoint/background.py) follow.
     prepare   rank 0: is this step already saved, by the checkpoint this run resumed from? if not, a fresh
               `.tmp-step-N/` (a killed save's leftover removed)
     write     every rank: its DCP shards and its RNG file, fsynced
-    finish    every rank hashes a share of the files; rank 0 writes meta.json (sizes, digests), train_state.json,
-              config.yaml and COMPLETE, fsyncs them and the directory, and renames it to `step-N/`: the commit; then
-              retention, then `latest` (at a checkpoint that exists)
+    finish    every rank hashes a share of the files; rank 0 writes train_state.json, config.yaml, the dataset's
+              tokenizer.json (when it has one: cfg.data.path), meta.json (sizes, digests), and COMPLETE, fsyncs them
+              and the directory, and renames it to `step-N/`: the commit; then retention, then `latest` (at a
+              checkpoint that exists)
 
 Nothing that looks complete exists before the rename, and the rename happens only after every rank's files are on disk,
 so neither a crash mid-save nor a power loss after it leaves a checkpoint that looks complete and is not. A complete
@@ -43,6 +44,7 @@ from smollm2.checkpoint.layout import (
 )
 from smollm2.checkpoint.rng import RNG_FORMAT, rng_file, rng_state
 from smollm2.config import Config, to_dict, to_yaml
+from smollm2.data.tokenizer import TOKENIZER_FILE, tokenizer_to_save
 from smollm2.distributed import every_rank, rank0_decides
 from smollm2.errors import CheckpointError, one_line
 from smollm2.files import fsync_dir
@@ -171,6 +173,7 @@ class SaveJob:
         try:
             storage.write_json(tmp / "train_state.json", self.train_state)
             storage.write_file(tmp / "config.yaml", lambda f: f.write(to_yaml(self.cfg).encode()))
+            self._write_tokenizer(meta)
             storage.write_json(tmp / "meta.json", meta)
             storage.write_file(tmp / COMPLETE, lambda f: f.write(f"{meta['step']}\n".encode()))
             fsync_dir(tmp / "rng")
@@ -197,6 +200,17 @@ class SaveJob:
             warn(f"step {self.step} is committed, but removing older checkpoints failed: {err.strerror or err}"
                  f"{f' ({err.filename})' if err.filename else ''}")
         storage.point_latest()
+
+    def _write_tokenizer(self, meta: dict[str, Any]) -> None:  # rank 0
+        """The checkpoint carries the tokenizer its data was made with (generate and export read it): the dataset's
+        tokenizer.json, digested like the data files, and meta.json's "tokenizer" (name, vocab, EOS, pad, sha256).
+        Nothing for GPT-2's bundled BPE: a checkpoint without one is GPT-2's, as every checkpoint saved before."""
+        found = tokenizer_to_save(self.cfg.data.path)
+        if found is None:
+            return
+        raw, meta["tokenizer"] = found
+        self.storage.write_file(self.tmp / TOKENIZER_FILE, lambda f: f.write(raw))
+        meta["files"] = dict(sorted({**meta["files"], TOKENIZER_FILE: file_digest(self.tmp / TOKENIZER_FILE)}.items()))
 
     def error(self, err: OSError) -> CheckpointError:
         """The save's one-line error for an OSError: what happened, and that the previous checkpoint is intact."""

@@ -24,7 +24,9 @@ from smollm2.config.schema import (
     FsdpWrap,
     GenerateConfig,
     LoggingConfig,
+    Mlp,
     ModelConfig,
+    Norm,
     OptimConfig,
     Recompute,
     SampleConfig,
@@ -35,7 +37,8 @@ from smollm2.config.schema import (
     WandbWatch,
 )
 
-__all__ = ["CONFIG_VERSION", "LOG_MODEL_CHOICES", "MAY_DIFFER_ON_RESUME", "AttentionBackend", "CheckpointConfig", "Choice",
-           "Config", "DataConfig", "Device", "Dtype", "EvalConfig", "FsdpWrap", "GenerateConfig", "LoggingConfig",
-           "ModelConfig", "OptimConfig", "Recompute", "SampleConfig", "Schedule", "TrainConfig", "WandbConfig", "WandbMode",
-           "WandbWatch", "load_config", "load_saved_config", "model_config_from_dict", "to_dict", "to_yaml", "validate"]
+__all__ = ["CONFIG_VERSION", "LOG_MODEL_CHOICES", "MAY_DIFFER_ON_RESUME", "AttentionBackend", "CheckpointConfig",
+           "Choice", "Config", "DataConfig", "Device", "Dtype", "EvalConfig", "FsdpWrap", "GenerateConfig",
+           "LoggingConfig", "Mlp", "ModelConfig", "Norm", "OptimConfig", "Recompute", "SampleConfig", "Schedule",
+           "TrainConfig", "WandbConfig", "WandbMode", "WandbWatch", "load_config", "load_saved_config",
+           "model_config_from_dict", "to_dict", "to_yaml", "validate"]

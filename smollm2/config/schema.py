@@ -32,6 +32,16 @@ class AttentionBackend(Choice):
     naive = "naive"  # explicit masked softmax: the reference the tests compare against
 
 
+class Norm(Choice):
+    layernorm = "layernorm"  # with a bias when model.bias (GPT-2)
+    rmsnorm = "rmsnorm"  # Llama / SmolLM2
+
+
+class Mlp(Choice):
+    gelu = "gelu"  # d_model -> d_mlp -> d_model, GELU (tanh): GPT-2
+    swiglu = "swiglu"  # down(silu(gate(x)) * up(x)), gate and up fused in one matmul: Llama / SmolLM2
+
+
 class Dtype(Choice):
     bf16 = "bf16"  # bf16 compute and communication, fp32 master weights and gradient reduction
     fp32 = "fp32"
@@ -126,8 +136,14 @@ class ModelConfig:
     pad_vocab_multiple: int = 128  # storage padding of the embedding table (50,258 -> 50,304)
     n_layer: int = 12
     n_head: int = 12
+    # Grouped-query attention: key/value heads, each shared by n_head / n_kv_head query heads; null = n_head (multi-head)
+    n_kv_head: int | None = None
     d_model: int = 768
-    d_mlp: int = 3072
+    d_mlp: int = 3072  # the MLP's hidden width (SwiGLU: of each of gate and up)
+    norm: Norm = Norm.layernorm
+    mlp: Mlp = Mlp.gelu
+    bias: bool = True  # biases on every linear layer (and the LayerNorms); Llama-style models have none
+    tie_embeddings: bool = True  # the LM head is the token embedding table
     # The longest sequence the model is used for (training windows, prompt + generated tokens). No parameter depends on it
     # (the RoPE tables are buffers, not saved), so a checkpoint resumes under another value.
     max_seq_len: int = _may_differ_on_resume(2048)
@@ -142,6 +158,16 @@ class ModelConfig:
         _require(self.d_model % self.n_head == 0, "model.d_model",
                  f"({self.d_model}) must be divisible by model.n_head ({self.n_head})")
         _require((self.d_model // self.n_head) % 2 == 0, "model.d_model / model.n_head", "(head dim) must be even for RoPE")
+        _require(self.kv_heads > 0 and self.n_head % self.kv_heads == 0, "model.n_kv_head",
+                 f"({self.n_kv_head}) must be positive and divide model.n_head ({self.n_head})")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
 
 
 # The model keys a resume may change; every other one must match the checkpoint's (checkpoint.manager checks).
@@ -168,6 +194,9 @@ class TrainConfig:
     dtype: Dtype = Dtype.bf16  # parameters are kept in fp32; bf16 is the compute/communication dtype
     seed: int = 1337
     resume: str | None = None  # null | latest | a checkpoint directory
+    # A new run starting from a checkpoint's weights (e.g. `python -m smollm2.convert --from-hf` output): step 0, a fresh
+    # optimizer, the data from its start, a new WandB run. `resume` instead continues a run (after a crash, phase 2).
+    init_from: str | None = None
     grad_accum: int = 4
     activation_checkpointing: Recompute = Recompute.none
     compile: bool | None = None  # null = auto: on for CUDA, off for CPU
@@ -192,6 +221,9 @@ class TrainConfig:
         _positive(self, "train.", "max_steps", "grad_accum", "dist_timeout_min")
         _non_negative(self, "train.", "dp_shard")
         _require(bool(self.run_dir), "train.run_dir", "must not be empty")
+        _require(not (self.init_from and self.resume), "train.init_from",
+                 f"({self.init_from}) and train.resume / --resume ({self.resume}) are exclusive: init_from starts a new run "
+                 "from a checkpoint's weights, --resume continues a run; drop one")
 
 
 @dataclass

@@ -91,8 +91,9 @@ class Dataset:
         manifest_path = path / MANIFEST_NAME
         data_vocab, shards = manifest["tokenizer"]["vocab_size"], manifest["shards"]
         if data_vocab > vocab_size:
-            raise DataError(f"{path} was tokenized with a {data_vocab}-token vocab, the model has {vocab_size}: "
-                            f"re-prepare it with this project's GPT-2 tokenizer (python -m data_prep --out {path} ...)")
+            raise DataError(f"{path} was tokenized with a {data_vocab}-token vocab, the model has {vocab_size} "
+                            f"(model.vocab_size): set model.vocab_size={data_vocab} or more for this data, or re-prepare "
+                            f"it with a tokenizer that fits (python -m data_prep --tokenizer PATH --out {path} ...)")
         split_paths: dict[str, list[Path]] = {"train": [], "val": []}
         for shard in shards:
             shard_path = path / shard["file"]

@@ -7,7 +7,9 @@ there, so a directory holding the marker and no manifest is an interrupted prep,
 Schema, format_version 1 (MANIFEST_VERSION). `read_manifest` checks the keys readers rely on:
 
     format_version  int     == MANIFEST_VERSION (checked first: another version may have another schema)
-    tokenizer       object  with "vocab_size": int (also "name": str, "eos_id": int, "ranks_sha256": str)
+    tokenizer       object  with "vocab_size": int (also "name": str, "eos_id": int). GPT-2's BPE: "ranks_sha256": str.
+                            A Hugging Face tokenizer (data_prep --tokenizer): "sha256": str of its tokenizer.json, which
+                            the directory holds a copy of, with "eos_id": int and "pad_id": int
     shards          list    of {"file": str, relative to the directory; "split": "train" | "val"; "tokens": int >= 0;
                             "sha256": str, hex of the whole file}. Train shards first; within a split, stream order.
 
@@ -53,6 +55,9 @@ def _schema_problem(manifest: Any) -> str | None:
     tokenizer = manifest.get("tokenizer")
     if not isinstance(tokenizer, dict) or not _is_int(tokenizer.get("vocab_size")):
         return "no 'tokenizer' object with an int 'vocab_size'"
+    if "sha256" in tokenizer and not (isinstance(tokenizer["sha256"], str) and _is_int(tokenizer.get("eos_id"))
+                                      and _is_int(tokenizer.get("pad_id"))):
+        return "a 'tokenizer' with a 'sha256' needs a str 'sha256' and int 'eos_id' and 'pad_id'"
     shards = manifest.get("shards")
     if not isinstance(shards, list):
         return "no 'shards' list"

@@ -17,8 +17,9 @@ _BLOCK = re.compile(r"blocks\.(\d+)\.(?:.*\.)?(attn|mlp|norm)\w*\.")
 
 
 def group_of(name: str) -> str:
-    """The group of a parameter name: `embed` (the token embedding, tied with the LM head), `block_NN/attn|mlp|norm`
-    (both of a block's LayerNorms are `norm`), `final_norm`; wrapper prefixes (compile, checkpointing) are ignored."""
+    """The group of a parameter name: `embed` (the token embedding, and the LM head when tied), `block_NN/attn|mlp|norm`
+    (both of a block's norms are `norm`), `final_norm`, `head` (an untied LM head); wrapper prefixes (compile,
+    checkpointing) are ignored."""
     name = name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
     if name.startswith("embed."):
         return "embed"
@@ -27,6 +28,8 @@ def group_of(name: str) -> str:
         return f"block_{int(match.group(1)):02d}/{match.group(2)}"
     if name.startswith("norm."):
         return "final_norm"
+    if name.startswith("head."):  # an untied LM head
+        return "head"
     return "other"
 
 

@@ -33,7 +33,9 @@ def device_peak_tflops(device: torch.device, configured: float | None) -> float 
 
 
 def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the weights + 12*L*H*Q*T for attention (the PaLM / nanoGPT estimate)."""
+    """Training FLOPs per token: 6N for the weights + 12*L*H*Q*T for attention (the PaLM / nanoGPT estimate). N is
+    `SmolLM.flops_params()`: grouped-query attention and SwiGLU change the FLOPs through it (smaller K/V projections,
+    three MLP matrices); the attention term counts query heads (each attends over its shared key/value head)."""
     return 6 * n_params + 12 * n_layer * n_head * head_dim * seq_len
 
 

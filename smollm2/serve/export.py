@@ -4,12 +4,14 @@
     python -m smollm2.export --checkpoint runs/x --out export/st --format safetensors                  # our names
     python -m smollm2.export --checkpoint runs/x --out export/space --format space [--push user/space] # Gradio Space
 
-`hf` is GPT-NeoX, which `transformers` loads with no custom code. Our model is GPT-NeoX's sequential-residual variant:
-rotate-half RoPE over the whole head dim, LayerNorm with bias, biases on every linear, tied embeddings, tanh GELU. Only
-the fused QKV rows need regrouping (ours are [all q | all k | all v], NeoX's per head [q k v]), and the storage padding
-of the vocabulary is stripped (50,258 rows). The activation is "gelu_pytorch_tanh", i.e. the very `F.gelu(approximate=
-"tanh")` call our MLP makes ("gelu_new" is the same function written out in Python ops, 1e-7 apart): fp32 logits agree
-exactly. Every folder is written under a temporary name beside OUT and renamed into place when complete.
+`hf` is a class `transformers` loads with no custom code (smollm2/serve/hf_mapping.py holds the mapping): the spec's
+model is GPT-NeoX's sequential-residual variant (rotate-half RoPE over the whole head dim, LayerNorm with bias, biases on
+every linear, tied embeddings, tanh GELU: only the fused QKV rows are regrouped per head), a Llama-style model
+(model.norm=rmsnorm, mlp=swiglu, bias=false; any n_kv_head) is LlamaForCausalLM, and another combination is refused
+before anything is written. The storage padding of the vocabulary is stripped (50,258 rows). The activation is
+"gelu_pytorch_tanh", i.e. the very `F.gelu(approximate="tanh")` call our MLP makes ("gelu_new" is the same function
+written out in Python ops, 1e-7 apart): fp32 logits agree exactly. Every folder is written under a temporary name beside
+OUT and renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import torch
 
 from smollm2.checkpoint import read_meta, resolve
 from smollm2.config import Config, ModelConfig, to_yaml
-from smollm2.data.tokenizer import EOS_ID, PAD_ID
+from smollm2.data.tokenizer import EOS_ID, PAD_ID, TOKENIZER_FILE
 from smollm2.errors import UserError
 from smollm2.files import read_jsonl
-from smollm2.serve.loading import INFO_FILE, is_safetensors_export, load_model_for_inference
+from smollm2.serve.hf_mapping import LLAMA, NEOX, architecture, hf_config, legacy_config_keys, memory_names, to_hf
+from smollm2.serve.loading import INFO_FILE, is_safetensors_export, load_model_for_inference, load_tokenizer_for_inference
 
 FORMATS = ("hf", "safetensors", "space")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -37,6 +40,20 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GENERATION = {"do_sample": True, "temperature": 1.0, "top_k": 50, "top_p": 0.95, "max_new_tokens": 100,
               "bos_token_id": EOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "suppress_tokens": [PAD_ID]}
 SPACE_APP = Path(__file__).with_name("space_app.py")
+
+
+def generation_settings(tok=None) -> dict:
+    """generation_config.json: GENERATION with the checkpoint's tokenizer's EOS and pad (GPT-2's: GENERATION as it is);
+    pad is suppressed unless it is EOS (a tokenizer without a pad token pads with EOS)."""
+    if tok is None or tok.sha256 is None:
+        return GENERATION
+    return {**GENERATION, "bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
+            "suppress_tokens": [tok.pad_id] if tok.pad_id != tok.eos_id else []}
+
+
+def token_ids(tok=None) -> dict[str, int]:
+    """bos/eos/pad_token_id of a transformers config: the tokenizer's (BOS = EOS, GPT-2's convention)."""
+    return {k: v for k, v in generation_settings(tok).items() if k.endswith("_token_id")}
 
 
 class ExportError(UserError):
@@ -47,36 +64,10 @@ def _log(message: str) -> None:
     print(f"export: {message}", file=sys.stderr, flush=True)
 
 
-def neox_config(cfg: ModelConfig, dtype: str = "fp32"):
-    """The GPT-NeoX config that computes what our model computes (every default that matters set explicitly)."""
-    from transformers import GPTNeoXConfig
-
-    return GPTNeoXConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-        intermediate_size=cfg.d_mlp, hidden_act="gelu_pytorch_tanh", max_position_embeddings=cfg.max_seq_len,
-        layer_norm_eps=cfg.norm_eps, use_parallel_residual=False, tie_word_embeddings=True, attention_bias=True,
-        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta), "partial_rotary_factor": 1.0},
-        attention_dropout=0.0, hidden_dropout=0.0, bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-        use_cache=True, dtype="bfloat16" if dtype == "bf16" else "float32", architectures=["GPTNeoXForCausalLM"])
-
-
-def neox_state_dict(model, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our state dict in GPT-NeoX's names and layouts (the tied LM head is stored once, as the input embedding)."""
-    ours = model.state_dict()
-    H, D, C = cfg.n_head, cfg.d_model // cfg.n_head, cfg.d_model
-    out = {"gpt_neox.embed_in.weight": ours["embed.weight"][: cfg.vocab_size],
-           "gpt_neox.final_layer_norm.weight": ours["norm.weight"], "gpt_neox.final_layer_norm.bias": ours["norm.bias"]}
-    for i in range(cfg.n_layer):
-        o, n = f"blocks.{i}.", f"gpt_neox.layers.{i}."
-        # ours: output rows (3, H, D) = [q heads | k heads | v heads]; NeoX views them as (H, 3 * D) = per head [q k v]
-        qkv_w = ours[o + "attn.qkv.weight"].view(3, H, D, C).transpose(0, 1).reshape(3 * C, C)
-        qkv_b = ours[o + "attn.qkv.bias"].view(3, H, D).transpose(0, 1).reshape(3 * C)
-        pairs = {"input_layernorm": "norm1", "post_attention_layernorm": "norm2", "attention.dense": "attn.proj",
-                 "mlp.dense_h_to_4h": "mlp.fc", "mlp.dense_4h_to_h": "mlp.proj"}
-        for theirs, mine in pairs.items():
-            out[f"{n}{theirs}.weight"], out[f"{n}{theirs}.bias"] = ours[f"{o}{mine}.weight"], ours[f"{o}{mine}.bias"]
-        out[n + "attention.query_key_value.weight"], out[n + "attention.query_key_value.bias"] = qkv_w, qkv_b
-    return {k: v.contiguous() for k, v in out.items()}
+def hf_model_config(cfg: ModelConfig, dtype: str = "fp32", tok=None):
+    """The `transformers` config (GPT-NeoX or Llama: hf_mapping.architecture) that computes what our model computes, with
+    the token ids of `tok`, the checkpoint's tokenizer (default GPT-2's)."""
+    return hf_config(cfg, token_ids(tok), dtype)
 
 
 def find_hf_folder(spec: str | Path) -> Path | None:
@@ -111,29 +102,41 @@ def run_info(spec: str) -> tuple[Path, dict]:
     return path, info
 
 
+def _architecture_card(m: ModelConfig) -> dict[str, str]:
+    """What the model card says about the architecture, by the class it is exported as (the spec model's card reads as
+    it always has)."""
+    kv = f", {m.kv_heads} KV heads" if m.kv_heads != m.n_head else ""
+    if architecture(m) == NEOX:
+        return {"tag": "gpt-neox", "what": "A GPT-2-small-style decoder with rotary position embeddings", "as": "GPT-NeoX",
+                "mlp": f"{m.d_model} -> {m.d_mlp} -> {m.d_model}, GELU (tanh)", "kv": kv}
+    return {"tag": "llama", "what": "A Llama-style decoder (RMSNorm, SwiGLU, rotary position embeddings)",
+            "as": LLAMA, "mlp": f"{m.d_model} -> 2 x {m.d_mlp} -> {m.d_model}, SwiGLU; RMSNorm (eps {m.norm_eps:g}), "
+                                "no biases", "kv": kv}
+
+
 def _model_card(cfg: Config, info: dict) -> str:
-    m, o = cfg.model, cfg.optim
+    m, o, arch = cfg.model, cfg.optim, _architecture_card(cfg.model)
     val = f"{info['val_loss']:.4f}" if info.get("val_loss") is not None else "n/a"
     tokens = f"{info['tokens_seen']:,}" if info.get("tokens_seen") is not None else "n/a"
     return f"""---
 library_name: transformers
 license: mit
 pipeline_tag: text-generation
-tags: [smollm2, gpt-neox, causal-lm, pretraining, rope]
+tags: [smollm2, {arch['tag']}, causal-lm, pretraining, rope]
 ---
 
 # SmolLM2 ({info['n_params']:,} parameters), step {info['step']:,}
 
-A GPT-2-small-style decoder with rotary position embeddings, pretrained with smollm2 (FSDP2) and exported as GPT-NeoX,
+{arch['what']}, pretrained with smollm2 (FSDP2) and exported as {arch['as']},
 so `transformers` loads it with no custom code (no `trust_remote_code`).
 
 | | |
 |---|---|
 | parameters | {info['n_params']:,} |
-| layers / width / heads | {m.n_layer} / {m.d_model} / {m.n_head} x {m.d_model // m.n_head} |
-| MLP | {m.d_model} -> {m.d_mlp} -> {m.d_model}, GELU (tanh) |
+| layers / width / heads | {m.n_layer} / {m.d_model} / {m.n_head} x {m.head_dim}{arch['kv']} |
+| MLP | {arch['mlp']} |
 | context | {m.max_seq_len:,} tokens, RoPE (theta {m.rope_theta:g}, whole head dim) |
-| vocabulary | {m.vocab_size:,} (GPT-2 BPE + `<|pad|>` = {PAD_ID}; EOS = {EOS_ID}) |
+| vocabulary | {m.vocab_size:,} ({_tokenizer_line(info.get("tokenizer"))}) |
 | training | step {info['step']:,}, {tokens} tokens seen, {cfg.train.dtype} compute |
 | optimizer | AdamW, lr {o.lr:g}, betas {o.beta1:g}/{o.beta2:g}, weight decay {o.weight_decay:g}, clip {o.grad_clip:g} |
 | schedule | {o.schedule}, warmup {o.warmup_steps}, horizon {o.decay_steps}, floor {o.min_lr_ratio:g} x lr |
@@ -151,42 +154,57 @@ print(tok.decode(model.generate(ids)[0]))  # generation_config.json: T 1.0, top-
 """
 
 
-def _write_hf(out: Path, model, cfg: Config, info: dict, dtype: str) -> None:
-    from transformers import GenerationConfig, GPTNeoXForCausalLM
+def _tokenizer_line(tok: dict | None) -> str:
+    if tok is None:
+        return f"GPT-2 BPE + `<|pad|>` = {PAD_ID}; EOS = {EOS_ID}"
+    return f"tokenizer `{tok['name']}`, {tok['vocab_size']:,} ids; EOS = {tok['eos_id']}, pad = {tok['pad_id']}"
+
+
+def _write_hf(out: Path, model, cfg: Config, info: dict, dtype: str, tok=None) -> None:
+    import transformers
+    from transformers import GenerationConfig
     from transformers.utils import logging as hf_logging
 
     from smollm2.serve.hf_tokenizer import save_hf_tokenizer
 
     hf_logging.disable_progress_bar()
-    config = neox_config(cfg.model, dtype)
+    config = hf_model_config(cfg.model, dtype, tok)
+    arch = config.architectures[0]
+    hf_class = getattr(transformers, arch)
     with torch.device("meta"):
-        n_params = sum(p.numel() for p in GPTNeoXForCausalLM(config).parameters())  # the tied head counted once
+        n_params = sum(p.numel() for p in hf_class(config).parameters())  # the tied head counted once
     if n_params != model.num_params():
-        raise ExportError(f"the GPT-NeoX config has {n_params:,} parameters, the checkpoint {model.num_params():,}")
-    hf = GPTNeoXForCausalLM(config)
-    missing, unexpected = hf.load_state_dict(neox_state_dict(model, cfg.model), strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise ExportError(f"the weights do not map onto GPT-NeoX: missing {missing}, unexpected {unexpected}")
+        raise ExportError(f"the {arch} config has {n_params:,} parameters, the checkpoint {model.num_params():,}")
+    hf = hf_class(config)
+    missing, unexpected = hf.load_state_dict(memory_names(to_hf(model.state_dict(), cfg.model), hf.state_dict()),
+                                             strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight", "embed_out.weight"} if cfg.model.tie_embeddings else set()):
+        raise ExportError(f"the weights do not map onto {arch}: missing {missing}, unexpected {unexpected}")
     hf.tie_weights()
-    _log(f"writing {n_params:,} parameters ({dtype}) as GPT-NeoX to {out.name}/model.safetensors")
+    _log(f"writing {n_params:,} parameters ({dtype}) as {arch} to {out.name}/model.safetensors")
     hf.to(DTYPES[dtype]).save_pretrained(str(out))
     config_file = out / "config.json"  # transformers 4.x reads the rotary settings under their old names
     saved = json.loads(config_file.read_text())
-    saved.update(rotary_pct=1.0, rotary_emb_base=float(cfg.model.rope_theta))
+    saved.update(legacy_config_keys(cfg.model))
     config_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
-    GenerationConfig(**GENERATION).save_pretrained(str(out))
-    took = save_hf_tokenizer(out, cfg.model.max_seq_len)
-    _log(f"tokenizer.json built from the bundled BPE ranks ({took:.1f}s)")
+    GenerationConfig(**generation_settings(tok)).save_pretrained(str(out))
+    if tok is not None and tok.sha256 is not None:  # the checkpoint's own tokenizer.json, byte for byte
+        tok.save(out, cfg.model.max_seq_len)
+        _log(f"{TOKENIZER_FILE} copied from the checkpoint ({tok.name}, {tok.vocab_size:,} ids)")
+    else:
+        took = save_hf_tokenizer(out, cfg.model.max_seq_len)
+        _log(f"tokenizer.json built from the bundled BPE ranks ({took:.1f}s)")
     (out / "README.md").write_text(_model_card(cfg, info))
     (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def _write_space(out: Path, model, cfg: Config, info: dict, dtype: str) -> None:
+def _write_space(out: Path, model, cfg: Config, info: dict, dtype: str, tok=None) -> None:
     import gradio
 
     if not SPACE_APP.is_file():
         raise ExportError(f"{SPACE_APP} is missing: reinstall the package (pip install -e .)")
-    _write_hf(out / "model", model, cfg, info, dtype)
+    _write_hf(out / "model", model, cfg, info, dtype, tok)
+    kind = {NEOX: "GPT-NeoX", LLAMA: "Llama"}[architecture(cfg.model)]
     shutil.copyfile(SPACE_APP, out / "app.py")
     (out / "requirements.txt").write_text("gradio\ntransformers\ntorch\nsafetensors\n")
     (out / "README.md").write_text(f"""---
@@ -202,15 +220,16 @@ license: mit
 ---
 
 SmolLM2 ({info['n_params']:,} parameters, step {info['step']:,}): type a prompt, get a sampled continuation. The model
-is in `model/` (a `transformers` GPT-NeoX folder with its own model card). Locally: `pip install -r requirements.txt &&
+is in `model/` (a `transformers` {kind} folder with its own model card). Locally: `pip install -r requirements.txt &&
 python app.py`.
 """)
     (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def write_safetensors(out: Path, model, cfg: Config, info: dict, dtype: str) -> None:
-    """Our own parameter names, the padded table as stored (so the round trip is bit-exact), the tied head once;
-    `load_model_for_inference(out)` reads it back. `info` needs at least the step."""
+def write_safetensors(out: Path, model, cfg: Config, info: dict, dtype: str, tok=None) -> None:
+    """Our own parameter names, the padded table as stored (so the round trip is bit-exact), the tied head once, and the
+    checkpoint's tokenizer.json if it has one; `load_model_for_inference(out)` (and `load_tokenizer_for_inference`)
+    read it back. `info` needs at least the step."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -218,6 +237,8 @@ def write_safetensors(out: Path, model, cfg: Config, info: dict, dtype: str) -> 
     _log(f"writing {len(state)} tensors ({dtype}) to {out.name}/model.safetensors")
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "step": str(info["step"])})
     (out / "config.yaml").write_text(to_yaml(cfg))
+    if tok is not None and tok.sha256 is not None:
+        (out / TOKENIZER_FILE).write_bytes(tok.raw)
     (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -273,12 +294,17 @@ def export(spec: str, out: str | Path, fmt: str = "hf", dtype: str = "fp32", for
     _check_out(out, path, force)
     _log(f"loading {path}")
     model, cfg, step = load_model_for_inference(path)
+    if fmt != "safetensors":
+        architecture(cfg.model)  # a model no transformers class runs without custom code: refused before any write
     info.update(step=step, n_params=model.num_params(), max_seq_len=cfg.model.max_seq_len, format=fmt, dtype=dtype)
+    tok = load_tokenizer_for_inference(path)  # the checkpoint's (GPT-2's if it carries none)
+    if tok.sha256 is not None:
+        info["tokenizer"] = tok.describe()
     tmp, old = out.parent / f".tmp-{out.name}", out.parent / f".old-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
     tmp.mkdir(parents=True)
     try:
-        {"hf": _write_hf, "safetensors": write_safetensors, "space": _write_space}[fmt](tmp, model, cfg, info, dtype)
+        {"hf": _write_hf, "safetensors": write_safetensors, "space": _write_space}[fmt](tmp, model, cfg, info, dtype, tok)
         if out.exists() or out.is_symlink():  # --force: the old one is moved aside, not deleted, until the new one is in
             _remove(old)
             out.rename(old)

@@ -17,17 +17,36 @@ import codecs
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from smollm2.config import GenerateConfig
-from smollm2.data.tokenizer import EOS_ID, PAD_ID, Tokenizer, get_tokenizer
+from smollm2.data.tokenizer import EOS_ID, PAD_ID, VOCAB_SIZE, Tokenizer
 from smollm2.errors import UserError
 from smollm2.model import KVCache, SmolLM
 
 DEFAULT_BATCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """The ids decoding treats apart, from the tokenizer (default: GPT-2's). EOS stops a row; pad fills the left of
+    shorter prompts and is never sampled, unless it is EOS (a tokenizer without a pad token pads with EOS); no id from
+    vocab_size up is sampled (the model's table may be larger than the tokenizer's vocab, and is padded for storage)."""
+
+    eos_id: int = EOS_ID
+    pad_id: int = PAD_ID
+    vocab_size: int = VOCAB_SIZE
+
+    @classmethod
+    def of(cls, tok) -> SpecialIds:
+        return cls(tok.eos_id, tok.pad_id, tok.vocab_size)
+
+
+GPT2_IDS = SpecialIds()
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -46,10 +65,13 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def sample_next(logits: torch.Tensor, cfg: GenerateConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, V] -> next ids [B]. Pad and storage-padding ids are never returned."""
+def sample_next(logits: torch.Tensor, cfg: GenerateConfig, generator: torch.Generator | None = None,
+                special: SpecialIds = GPT2_IDS) -> torch.Tensor:
+    """logits [B, V] -> next ids [B]. Pad and ids past the tokenizer's vocab (storage padding) are never returned."""
     logits = logits.float().clone()
-    logits[..., PAD_ID:] = float("-inf")
+    logits[..., special.vocab_size :] = float("-inf")
+    if special.pad_id != special.eos_id:
+        logits[..., special.pad_id : special.pad_id + 1] = float("-inf")  # a slice: nothing on a narrower (test) row
     if cfg.temperature <= 1e-6:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
@@ -58,17 +80,17 @@ def sample_next(logits: torch.Tensor, cfg: GenerateConfig, generator: torch.Gene
 
 
 def _sample_rows(logits: torch.Tensor, cfg: GenerateConfig, generators: list[torch.Generator],
-                 active: list[bool]) -> torch.Tensor:
-    """Next id per row [B], PAD_ID for a finished row. Each active row draws from its own generator, with the [1, V] call a
+                 active: list[bool], special: SpecialIds = GPT2_IDS) -> torch.Tensor:
+    """Next id per row [B], pad for a finished row. Each active row draws from its own generator, with the [1, V] call a
     prompt decoded alone makes, so its draws do not depend on the other rows (nor on how many there are)."""
     if cfg.temperature <= 1e-6:  # greedy: no draws, one batched argmax
-        tokens = sample_next(logits, cfg)
+        tokens = sample_next(logits, cfg, special=special)
     else:
-        tokens = torch.full((len(generators),), PAD_ID, dtype=torch.long)
+        tokens = torch.full((len(generators),), special.pad_id, dtype=torch.long)
         for row, generator in enumerate(generators):
             if active[row]:
-                tokens[row] = sample_next(logits[row : row + 1], cfg, generator)[0]
-    return tokens.masked_fill(~torch.tensor(active), PAD_ID)
+                tokens[row] = sample_next(logits[row : row + 1], cfg, generator, special)[0]
+    return tokens.masked_fill(~torch.tensor(active), special.pad_id)
 
 
 @torch.no_grad()
@@ -81,6 +103,7 @@ def generate_batch(
     use_cache: bool = True,
     on_token: Callable[[int, int], None] | None = None,
     seeds: Sequence[int] | None = None,
+    special: SpecialIds = GPT2_IDS,
 ) -> list[list[int]]:
     """Each prompt's new token ids (EOS excluded): at most cfg.max_new_tokens and at most what fits in the context
     (model.max_seq_len) after that prompt; a prompt that fills the context gets none (main() keeps its end instead: see
@@ -89,11 +112,11 @@ def generate_batch(
     All rows decode together (see the module docstring), each as it would alone: row r samples from a generator seeded
     seeds[r] (default cfg.seed + r). A row that meets EOS (cfg.stop_at_eos) or its budget is done: its output is frozen
     while it rides along as padding; decoding stops when every row is done. `on_token(row, id)` hears each new id as soon
-    as it is chosen, in order (streaming).
+    as it is chosen, in order (streaming). `special`: the tokenizer's EOS, pad and vocab (default GPT-2's).
 
     Under torch.distributed every rank must call this with the same prompts (FSDP forwards are collective); rank 0's ids
     are broadcast, so all ranks decode the same sequences."""
-    rows = [list(prompt) or [EOS_ID] for prompt in prompts]
+    rows = [list(prompt) or [special.eos_id] for prompt in prompts]
     if not rows:
         return []
     seeds = [cfg.seed + row for row in range(len(rows))] if seeds is None else list(seeds)
@@ -102,7 +125,7 @@ def generate_batch(
     budgets = [max(0, min(cfg.max_new_tokens, model.cfg.max_seq_len - len(row))) for row in rows]
     width = max(len(row) for row in rows)
     pads = [width - len(row) for row in rows]
-    ids = torch.tensor([[PAD_ID] * pad + row for pad, row in zip(pads, rows)], dtype=torch.long, device=device)
+    ids = torch.tensor([[special.pad_id] * pad + row for pad, row in zip(pads, rows)], dtype=torch.long, device=device)
     left_pad = torch.tensor(pads, device=device) if any(pads) else None  # None: no mask, as for one prompt alone
     cache = KVCache(model.cfg, len(rows), width + max(budgets)) if use_cache else None
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
@@ -119,13 +142,13 @@ def generate_batch(
                 pos += step_input.shape[1]
             else:
                 logits = model(ids, left_pad=left_pad)[:, -1]
-            tokens = _sample_rows(logits.cpu(), cfg, generators, active).to(device)
+            tokens = _sample_rows(logits.cpu(), cfg, generators, active, special).to(device)
             if distributed:
                 dist.broadcast(tokens, src=0)
             for row, token in enumerate(tokens.tolist()):
                 if not active[row]:
                     continue
-                if cfg.stop_at_eos and token == EOS_ID:
+                if cfg.stop_at_eos and token == special.eos_id:
                     active[row] = False
                     continue
                 new[row].append(token)
@@ -148,10 +171,11 @@ def generate(
     *,
     device: torch.device | str = "cpu",
     use_cache: bool = True,
+    special: SpecialIds = GPT2_IDS,
 ) -> list[int]:
     """One prompt's new token ids, sampled with cfg.seed: `generate_batch` with one row (its rules on the context, EOS
     and torch.distributed apply)."""
-    return generate_batch(model, [prompt_ids], cfg, device=device, use_cache=use_cache)[0]
+    return generate_batch(model, [prompt_ids], cfg, device=device, use_cache=use_cache, special=special)[0]
 
 
 def fit_to_context(ids: list[int], max_new_tokens: int, context: int) -> tuple[list[int], str | None]:
@@ -254,7 +278,7 @@ def _shown(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from smollm2.config import validate
-    from smollm2.serve.loading import load_model_for_inference
+    from smollm2.serve.loading import load_model_for_inference, load_tokenizer_for_inference
 
     args = _parser().parse_args(argv)
     for name in ("num_samples", "batch_size"):
@@ -268,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is not None:
             setattr(gen, name, getattr(args, name))
     validate(cfg)
-    tok = get_tokenizer()
+    tok = load_tokenizer_for_inference(args.checkpoint)  # the checkpoint's (GPT-2's if it carries none)
     rows: list[tuple[str, list[int]]] = []  # (prompt text, the ids decoded from), num_samples per prompt
     for j, text in enumerate(texts or cfg.sample.prompts):
         ids, warning = fit_to_context(tok.encode(text), gen.max_new_tokens, model.cfg.max_seq_len)
@@ -284,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             print(batch[0][0], end="", flush=True)
         began = time.perf_counter()
         outs = generate_batch(model, [ids for _, ids in batch], gen, device=device, on_token=stream.echo if stream else None,
-                              seeds=[gen.seed + start + row for row in range(len(batch))])
+                              seeds=[gen.seed + start + row for row in range(len(batch))], special=SpecialIds.of(tok))
         took = time.perf_counter() - began
         if stream is not None:
             print(stream.flush(), flush=True)

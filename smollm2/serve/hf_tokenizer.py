@@ -14,27 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from functools import lru_cache
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from smollm2.data.tokenizer import EOS_ID, EOS_TEXT, PAD_ID, PAD_TEXT, get_tokenizer
-
-
-@lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable unicode character table (what byte-level BPE vocabularies are written in): printable
-    Latin-1 bytes stand for themselves, the others are shifted past 255."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            table[byte] = chr(byte)
-        else:
-            table[byte] = chr(256 + extra)
-            extra += 1
-    return table
+from smollm2.data.tokenizer import EOS_ID, EOS_TEXT, PAD_ID, PAD_TEXT, bytes_to_unicode, get_tokenizer
 
 
 def to_unicode(token: bytes) -> str:

@@ -1,5 +1,6 @@
 """A trained model for inference, in one process without a process group: from a DCP checkpoint (any world size wrote
-it) or from a `python -m smollm2.export --format safetensors` folder. What generate, export, the app and lm-eval load.
+it) or from a `python -m smollm2.export --format safetensors` folder. What generate, export, the app and lm-eval load;
+and its tokenizer, which travels with it (a `tokenizer.json` in the folder; none: GPT-2's).
 
 Configs saved with a checkpoint or an export are read leniently (smollm2.config.load_saved_config): a key this version
 does not know is dropped with a warning, so a checkpoint stays loadable when the schema changes.
@@ -14,6 +15,7 @@ import torch
 
 from smollm2.checkpoint import load_weights, read_meta, resolve
 from smollm2.config import Config, load_saved_config, model_config_from_dict
+from smollm2.data.tokenizer import folder_tokenizer
 from smollm2.errors import CheckpointError, one_line
 from smollm2.model import SmolLM
 
@@ -39,6 +41,18 @@ def load_model_for_inference(spec: str | Path, device: torch.device | str = "cpu
     model = SmolLM(cfg.model)
     load_weights(path, model)
     return model.to(device).eval(), cfg, int(meta["step"])
+
+
+def load_tokenizer_for_inference(spec: str | Path):
+    """The tokenizer of what `load_model_for_inference(spec)` loads: the `tokenizer.json` its checkpoint (or safetensors
+    export) carries, checked against the sha256 its meta.json (smollm2_export.json) recorded; GPT-2's without one."""
+    if is_safetensors_export(Path(spec)):
+        info = Path(spec) / INFO_FILE
+        return folder_tokenizer(spec, json.loads(info.read_text()).get("tokenizer") if info.is_file() else None)
+    path = resolve(str(spec), Path(spec))
+    if path is None:
+        raise CheckpointError(f"no complete checkpoint under {spec}")
+    return folder_tokenizer(path, read_meta(path).get("tokenizer"))
 
 
 def _load_safetensors_export(path: Path, device) -> tuple[SmolLM, Config, int]:

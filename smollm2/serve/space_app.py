@@ -127,7 +127,7 @@ class Generator:
         kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": settings["max_new_tokens"],
                   "do_sample": not greedy, "streamer": streamer, "stopping_criteria": StoppingCriteriaList([stop]),
                   "pad_token_id": self.tok.pad_token_id, "eos_token_id": self.tok.eos_token_id}
-        if self.tok.pad_token_id is not None:
+        if self.tok.pad_token_id not in (None, self.tok.eos_token_id):  # a tokenizer without a pad token pads with EOS
             kwargs["suppress_tokens"] = [self.tok.pad_token_id]  # never sampled in training either
         if greedy:
             kwargs.update(temperature=None, top_k=None, top_p=None)
