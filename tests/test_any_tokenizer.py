@@ -1,8 +1,8 @@
-"""Any tokenizer, end to end with the real commands: a 2,000-token byte-level BPE trained on the bundled corpus
-(`python -m data_prep.tokenizer`), the corpus prepared with it, configs/tiny.yaml (model.vocab_size=2000) trained 2 steps
-on it, its checkpoint carrying the tokenizer, the in-training samples and `python -m smollm2.generate` decoding with it,
-and an `hf` export whose tokenizer transformers' AutoTokenizer loads with our ids; a resume on data of another
-tokenizer is refused in one line and changes nothing. Everything is built offline."""
+"""Any tokenizer, end to end with the real commands: a 2,000-token byte-level BPE trained on the bundled corpus (`python
+-m data_prep.tokenizer`), the corpus prepared with it, configs/tiny_llama.yaml (model.vocab_size=2000, 2 query heads
+sharing 1 KV head) trained 2 steps on it, its checkpoint carrying the tokenizer, the in-training samples and `python
+-m smollm2.generate` decoding with it, and an `hf` export whose tokenizer transformers' AutoTokenizer loads with our
+ids; a resume on data of another tokenizer is refused in one line and changes nothing. Everything is built offline."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ from smollm2.serve.loading import load_model_for_inference, load_tokenizer_for_i
 pytestmark = pytest.mark.e2e
 
 VOCAB = 2000
-RUN = [*tiny.SMALL, f"model.vocab_size={VOCAB}", "train.max_steps=2", "sample.interval=2", "generate.max_new_tokens=8"]
+RUN = [*tiny.SMALL, "model.n_kv_head=1", f"model.vocab_size={VOCAB}", "train.max_steps=2", "sample.interval=2",
+       "generate.max_new_tokens=8"]
+LLAMA = "configs/tiny_llama.yaml"  # the SmolLM2 architecture: its export is a LlamaForCausalLM
 MIXED = ("  Héllo wörld — naïve café, Ça va? 日本語のテキスト、中文。 🙂🚀👩‍👩‍👧 emoji\r\nCRLF line\tTab\tseparated\n"
          "    def f(x):\n        return {'a': x ** 2}  # code\n\n\n  several   spaces   \u00a0nbsp 3.14159 I'll we've end  \n")
 
@@ -55,7 +57,7 @@ def data(tokenizer_file, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run(data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("run") / "run"
-    tiny.train(0, run, data, *RUN)
+    tiny.train(0, run, data, *RUN, config=LLAMA)
     return run
 
 
@@ -110,6 +112,7 @@ def test_the_hf_export_carries_it_and_autotokenizer_gives_our_ids(run, tmp_path)
     assert "vocabulary" not in proc.stderr  # no transformers warning about ids outside the vocab
     ours = load_tokenizer_for_inference(run)
     assert (out / "tokenizer.json").read_bytes() == ours.raw
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     hf_tok = AutoTokenizer.from_pretrained(out)
     assert type(hf_tok).__module__.startswith("transformers.")  # no custom code
     for text in (MIXED, MIXED.upper(), " leading", "trailing\n\n", "", "ROMEO: To be, or not to be"):
@@ -137,10 +140,10 @@ def test_a_resume_on_data_of_another_tokenizer_is_refused(run, data, tmp_path):
     other = tiny.train_tokenizer(tmp_path / "other" / "tokenizer.json", texts, 300)
     other_data = prepare(PrepOptions(source=str(tmp_path / "corpus.txt"), out=str(tmp_path / "other-data"),
                                      tokenizer=str(other), val_fraction=0.0, progress=False, workers=1)).out
-    resume = tiny.trainer(copy, other_data, *RUN, "train.max_steps=3", "--resume", "latest")[1:]
+    resume = tiny.trainer(copy, other_data, *RUN, "train.max_steps=3", "--resume", "latest", config=LLAMA)[1:]
     refused(resume, f"{copy / 'checkpoints' / 'step-000002'} was trained on data tokenized with shakespeare-2k (sha256 ",
             copy / "checkpoints", other_data)
     # A GPT-2 checkpoint (any made before, without a tokenizer) on this data: refused before its model is even loaded
-    gpt2 = tiny.trainer(tmp_path / "fresh", data, *RUN, "--resume", str(OLD_CHECKPOINT))[1:]
+    gpt2 = tiny.trainer(tmp_path / "fresh", data, *RUN, "--resume", str(OLD_CHECKPOINT), config=LLAMA)[1:]
     refused(gpt2, "was trained on data tokenized with the bundled GPT-2 BPE, but", OLD_CHECKPOINT)
     assert not (tmp_path / "fresh" / "checkpoints").exists()

@@ -91,6 +91,21 @@ def test_bad_choice_names_the_key_and_the_choices(root, override, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["generate.temperature=inf"], "invalid config: generate.temperature must be a finite number (got inf)"),
+    (["train.dist_timeout_min=nan"], "invalid config: train.dist_timeout_min must be a finite number (got nan)"),
+    (["train.run_dir=${nope}"], "invalid config: train.run_dir is an interpolation that does not resolve (Interpolation "
+                                "key 'nope' not found)"),
+    (["train.init_from=ckpt/x", "train.resume=latest"], "invalid config: train.init_from (ckpt/x) and train.resume / "
+                                                         "--resume (latest) are exclusive"),
+])
+def test_values_that_could_only_fail_later_are_refused_now(root, overrides, message):
+    """Checked when the config is read (the training command's catalog rows show the same lines at the CLI)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(root / "configs/tiny.yaml", overrides)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
 def test_max_seq_len_does_not_block_a_resume(root, tmp_path):
     """No tensor depends on model.max_seq_len (RoPE angles are computed per position): a checkpoint's model section may
     differ there, but not in a shape."""

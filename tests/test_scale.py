@@ -1,5 +1,5 @@
 """Past one node, on CPU with gloo: HSDP checkpoints that resume under plain FSDP at other world sizes (and back), a
-Llama-style model (GQA, SwiGLU, RMSNorm, an untied head) that resumes at other world sizes alike, two
+Llama-style model (GQA, SwiGLU, RMSNorm, an untied head) that resumes at another world size alike, two
 torchrun agents meeting through a c10d rendezvous on localhost (as on two hosts) computing what one standalone torchrun
 computes, elastic restarts after a `kill -9` that finish the job by themselves, and checkpoints saved in the background.
 
@@ -182,11 +182,10 @@ def llama(tmp_path_factory, shakespeare_data) -> Path:
     return run
 
 
-@pytest.mark.parametrize("nproc", [1, 3])
-def test_a_llama_style_model_trains_and_resumes_at_other_world_sizes(llama, shakespeare_data, tmp_path, nproc):
+def test_a_llama_style_model_trains_and_resumes_at_another_world_size(llama, shakespeare_data, tmp_path):
     steps = records(llama)
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.3  # it trains
-    resume_and_compare(llama, 8, nproc, shakespeare_data, tmp_path / "run", llama, *LLAMA)
+    resume_and_compare(llama, 8, 3, shakespeare_data, tmp_path / "run", llama, *LLAMA)  # saved at 2, an odd world size
 
 
 # ------------------------------------------------------------------------------------------------- two "nodes", c10d
