@@ -93,7 +93,8 @@ def test_bad_choice_names_the_key_and_the_choices(root, override, message):
 
 @pytest.mark.parametrize("overrides, message", [
     (["generate.temperature=inf"], "invalid config: generate.temperature must be a finite number (got inf)"),
-    (["train.dist_timeout_min=nan"], "invalid config: train.dist_timeout_min must be a finite number (got nan)"),
+    (["train.dist_timeout_min=inf"], "invalid config: train.dist_timeout_min must be a finite number (got inf)"),
+    (["optim.lr=nan"], "invalid config: optim.lr must be a finite number (got nan)"),
     (["train.run_dir=${nope}"], "invalid config: train.run_dir is an interpolation that does not resolve (Interpolation "
                                 "key 'nope' not found)"),
     (["train.init_from=ckpt/x", "train.resume=latest"], "invalid config: train.init_from (ckpt/x) and train.resume / "

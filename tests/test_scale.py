@@ -178,14 +178,14 @@ LLAMA = ["model.n_kv_head=2", "model.norm=rmsnorm", "model.mlp=swiglu", "model.b
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory, shakespeare_data) -> Path:
     run = tmp_path_factory.mktemp("llama") / "run"
-    standalone(2, shakespeare_data, run, f"train.max_steps={STEPS}", *LLAMA)
+    standalone(2, shakespeare_data, run, "train.max_steps=6", *LLAMA)
     return run
 
 
 def test_a_llama_style_model_trains_and_resumes_at_another_world_size(llama, shakespeare_data, tmp_path):
-    steps = records(llama)
-    assert steps[-1]["loss"] < steps[0]["loss"] - 0.3  # it trains
-    resume_and_compare(llama, 8, 3, shakespeare_data, tmp_path / "run", llama, *LLAMA)  # saved at 2, an odd world size
+    losses = [r["loss"] for r in records(llama)]
+    assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0] - 0.1  # it trains (still in the warmup)
+    resume_and_compare(llama, 4, 3, shakespeare_data, tmp_path / "run", llama, *LLAMA)  # saved at 2, an odd world size
 
 
 # ------------------------------------------------------------------------------------------------- two "nodes", c10d
