@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -37,6 +38,32 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def publish_folder(out: Path, write: Callable[[Path], Any]) -> None:
+    """Make the folder `out` with `write(tmp)` into `.tmp-<name>` beside it, then rename it into place: a failure leaves
+    nothing, and an `out` that exists (the caller has allowed replacing it) is moved aside, not deleted, until the new
+    one is in."""
+    tmp, old = out.parent / f".tmp-{out.name}", out.parent / f".old-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a run of the command that was killed
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        if out.exists() or out.is_symlink():
+            _remove(old)
+            out.rename(old)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def sha256_file(path: str | Path) -> str:

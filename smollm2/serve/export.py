@@ -30,7 +30,7 @@ from smollm2.checkpoint import read_meta, resolve
 from smollm2.config import Config, ModelConfig, to_yaml
 from smollm2.data.tokenizer import EOS_ID, PAD_ID, TOKENIZER_FILE
 from smollm2.errors import UserError
-from smollm2.files import read_jsonl
+from smollm2.files import publish_folder, read_jsonl
 from smollm2.serve.hf_mapping import LLAMA, NEOX, architecture, hf_config, legacy_config_keys, memory_names, to_hf
 from smollm2.serve.loading import INFO_FILE, is_safetensors_export, load_model_for_inference, load_tokenizer_for_inference
 
@@ -277,13 +277,6 @@ def _check_out(out: Path, source: Path, force: bool) -> None:
                           f"{f' ({ancestor})' if err.strerror else ''}") from None
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
 def export(spec: str, out: str | Path, fmt: str = "hf", dtype: str = "fp32", force: bool = False) -> Path:
     """Write the export of the checkpoint `spec` to `out` and return `out`. Refuses a non-empty `out` unless `force`, and
     always an `out` that is, holds or lies in the checkpoint, or holds a run."""
@@ -300,19 +293,8 @@ def export(spec: str, out: str | Path, fmt: str = "hf", dtype: str = "fp32", for
     tok = load_tokenizer_for_inference(path)  # the checkpoint's (GPT-2's if it carries none)
     if tok.sha256 is not None:
         info["tokenizer"] = tok.describe()
-    tmp, old = out.parent / f".tmp-{out.name}", out.parent / f".old-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
-    tmp.mkdir(parents=True)
-    try:
-        {"hf": _write_hf, "safetensors": write_safetensors, "space": _write_space}[fmt](tmp, model, cfg, info, dtype, tok)
-        if out.exists() or out.is_symlink():  # --force: the old one is moved aside, not deleted, until the new one is in
-            _remove(old)
-            out.rename(old)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _remove(old)
+    write = {"hf": _write_hf, "safetensors": write_safetensors, "space": _write_space}[fmt]
+    publish_folder(out, lambda tmp: write(tmp, model, cfg, info, dtype, tok))
     _log(f"{fmt} ({dtype}) of step {step} written to {out}")
     return out
 

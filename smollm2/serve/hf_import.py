@@ -37,7 +37,7 @@ from smollm2.config import Config, Mlp, ModelConfig, Norm, to_yaml
 from smollm2.data.tokenizer import TOKENIZER_FILE, HFTokenizer, TokenizerError
 from smollm2.distributed import init_distributed, shutdown
 from smollm2.errors import UserError, one_line
-from smollm2.files import atomic_write_json
+from smollm2.files import atomic_write_json, publish_folder
 from smollm2.model import SmolLM
 from smollm2.serve.hf_mapping import LLAMA, NEOX, NEOX_ACTS, OUTSIDE, file_names, from_hf
 from smollm2.serve.loading import INFO_FILE
@@ -289,20 +289,8 @@ def convert(source: str | Path, out: str | Path, force: bool = False) -> Path:
         model = SmolLM(cfg.model)
     model.materialize("cpu")
     model.load_state_dict(from_hf(theirs, cfg.model, model.padded_vocab), strict=True)
-    tmp, old = out.parent / f".tmp-{out.name}", out.parent / f".old-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a convert that was killed
-    tmp.mkdir(parents=True)
-    try:
-        _log(f"{arch} with {model.num_params():,} parameters from {source}")
-        _write(tmp, model, cfg, source, arch)
-        if out.exists() or out.is_symlink():  # --force: the old one is moved aside, not deleted, until the new one is in
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    _log(f"{arch} with {model.num_params():,} parameters from {source}")
+    publish_folder(out, lambda tmp: _write(tmp, model, cfg, source, arch))
     _log(f"step-0 checkpoint written to {out}: start a run from it with train.init_from={out}")
     return out
 
