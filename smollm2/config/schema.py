@@ -6,128 +6,27 @@ Loading (YAML presets, `key=value` overrides, saved configs) is in smollm2/confi
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any
 
-from smollm2.errors import ConfigError
-
-
-class Choice(str, Enum):
-    """A config value from a fixed set. Members are their strings (`Dtype.bf16 == "bf16"`) and print as them; YAML
-    and `key=value` overrides give them by name, and anything else is rejected naming the key and the choices."""
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
-
-
-class AttentionBackend(Choice):
-    auto = "auto"  # flash_attn if importable on CUDA, else SDPA (which already picks flash/cuDNN kernels on GPUs)
-    sdpa = "sdpa"
-    flash_attn = "flash_attn"
-    naive = "naive"  # explicit masked softmax: the reference the tests compare against
-
-
-class Norm(Choice):
-    layernorm = "layernorm"  # with a bias when model.bias (GPT-2)
-    rmsnorm = "rmsnorm"  # Llama / SmolLM2
-
-
-class Mlp(Choice):
-    gelu = "gelu"  # d_model -> d_mlp -> d_model, GELU (tanh): GPT-2
-    swiglu = "swiglu"  # down(silu(gate(x)) * up(x)), gate and up fused in one matmul: Llama / SmolLM2
-
-
-class Dtype(Choice):
-    bf16 = "bf16"  # bf16 compute and communication, fp32 master weights and gradient reduction
-    fp32 = "fp32"
-
-
-class Recompute(Choice):
-    """Activation checkpointing: which activations each block recomputes in the backward instead of keeping."""
-
-    none = "none"
-    full = "full"  # everything: the least memory
-    selective = "selective"  # keep matmul and attention outputs, recompute the cheap elementwise ops
-
-
-class Device(Choice):
-    auto = "auto"  # cuda if available
-    cuda = "cuda"
-    cpu = "cpu"
-
-
-class FsdpWrap(Choice):
-    """FSDP2 units. The checkpoint format is the same for all three."""
-
-    auto = "auto"  # no FSDP2 at world size 1 (sharding saves nothing there, and its host work slows a host-bound step:
-    # docs/performance.md, "FSDP2 at world size 1"): the plain model with the same bf16 casts, bitwise; block otherwise
-    block = "block"  # each block, plus a root unit for embedding, final norm and tied head
-    root = "root"  # one unit: one all-gather per micro-step, one reduce-scatter per step, fewest host-side hooks
-
-
-class Schedule(Choice):
-    cosine = "cosine"
-    wsd = "wsd"  # warmup-stable-decay
-    constant = "constant"
-
-
-class WandbMode(Choice):
-    auto = "auto"  # online when logged in (WANDB_API_KEY or a netrc entry), otherwise offline; never a prompt
-    disabled = "disabled"  # nothing is imported from wandb
-    offline = "offline"  # <run_dir>/wandb/offline-run-*, `wandb sync` later; no API key
-    online = "online"
-
-
-class WandbWatch(Choice):
-    """WANDB_WATCH: histograms of the full gradients / parameters every `histogram_interval` log steps."""
-
-    off = "off"
-    gradients = "gradients"
-    parameters = "parameters"
-    all = "all"
-
-
-# WANDB_LOG_MODEL's values: checkpoints as `model` artifacts (references to the checkpoint directory, not copies).
-# "checkpoint" (or "true") = every checkpoint, "end" = the run's final one, "false" = none.
-LOG_MODEL_CHOICES = {"false": "false", "true": "checkpoint", "checkpoint": "checkpoint", "end": "end"}
-
-
-def _require(ok: bool, key: str, reason: str) -> None:
-    if not ok:
-        raise ConfigError(f"invalid config: {key} {reason}")
-
-
-def _positive(section: Any, prefix: str, *names: str) -> None:
-    for name in names:
-        value = getattr(section, name)
-        _require(value > 0, prefix + name, f"must be positive (got {value})")
-
-
-def _non_negative(section: Any, prefix: str, *names: str) -> None:
-    for name in names:
-        value = getattr(section, name)
-        _require(value >= 0, prefix + name, f"must be >= 0 (got {value})")
-
-
-def _all_finite(section: Any, prefix: str) -> None:
-    """No setting is meant to be infinite or NaN (`train.dist_timeout_min=inf`, `generate.temperature=inf` would only fail
-    later, mid-run): each float of the section and of its subsections."""
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        if dataclasses.is_dataclass(value):
-            _all_finite(value, f"{prefix}{f.name}.")
-        elif isinstance(value, float):
-            _require(math.isfinite(value), prefix + f.name, f"must be a finite number (got {value})")
-
-
-def _may_differ_on_resume(default: Any) -> Any:
-    """A model setting that no parameter's shape or meaning depends on: a checkpoint resumes under another value."""
-    return field(default=default, metadata={"may_differ_on_resume": True})
+from smollm2.config.choices import (  # noqa: F401 - the choices are the schema's names too
+    LOG_MODEL_CHOICES,
+    AttentionBackend,
+    Choice,
+    Device,
+    Dtype,
+    FsdpWrap,
+    Mlp,
+    Norm,
+    Recompute,
+    Schedule,
+    WandbMode,
+    WandbWatch,
+    _all_finite,
+    _may_differ_on_resume,
+    _non_negative,
+    _positive,
+    _require,
+)
 
 
 @dataclass
@@ -151,6 +50,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = _may_differ_on_resume(0.02)  # used only to initialize
     attention: AttentionBackend = _may_differ_on_resume(AttentionBackend.auto)
+    # Attention stops at the end of each document (an EOS) inside a training window; RoPE positions restart there unless
+    # data.position_reset=false. Training only: generation sees one sequence. No tensor depends on it.
+    document_masking: bool = _may_differ_on_resume(False)
 
     def check(self) -> None:
         _positive(self, "model.", "vocab_size", "pad_vocab_multiple", "n_layer", "n_head", "d_model", "d_mlp",
@@ -175,16 +77,82 @@ MAY_DIFFER_ON_RESUME = frozenset(f.name for f in dataclasses.fields(ModelConfig)
 
 
 @dataclass
+class MixtureSource:
+    """One source of a mixture: a prepared dataset directory, its weight (any positive number: the weights of a mixture
+    are normalized) and a name for logs and metrics (default: the directory's name)."""
+
+    path: str = ""
+    weight: float | None = None
+    name: str | None = None
+
+
+@dataclass
+class DataStage:
+    """From `start_step` completed optimizer steps on, the run draws from `mixture` (the first stage starts at 0)."""
+
+    start_step: int = 0
+    mixture: list[MixtureSource] = field(default_factory=list)
+
+
+@dataclass
 class DataConfig:
     path: str = "data/shakespeare"  # a prepared dataset directory (train_*.bin, val_*.bin, manifest.json)
+    # Several datasets drawn by weight, e.g. [{path: data/web, weight: 0.7}, {path: data/code, weight: 0.3}]; replaces
+    # `path` (docs/data.md, "Mixtures"). `stages` instead: mixtures that change at given steps. Both empty: `path` alone.
+    mixture: list[MixtureSource] = field(default_factory=list)
+    stages: list[DataStage] = field(default_factory=list)
     seq_len: int = 2048  # <= model.max_seq_len
     micro_batch: int = 8  # windows per rank per micro-step
     seed: int = 1234  # global window order
     prefetch: int = 2  # batches prepared ahead by a background thread (0 = none)
+    position_reset: bool | None = None  # RoPE positions restart at each document; null = with model.document_masking
 
     def check(self) -> None:
         _positive(self, "data.", "seq_len", "micro_batch")
         _non_negative(self, "data.", "prefetch")
+        _require(not (self.mixture and self.stages), "data.mixture",
+                 "and data.stages are exclusive: each stage has its own mixture; drop one")
+        stages = self.stages or ([DataStage(0, self.mixture)] if self.mixture else [])
+        key = "data.stages" if self.stages else "data.mixture"
+        for k, stage in enumerate(stages):
+            where = f"data.stages[{k}]" if self.stages else "data.mixture"
+            _require(bool(stage.mixture), f"{where}.mixture" if self.stages else where, "lists no source")
+            _require(stage.start_step >= 0, f"{where}.start_step", f"must be >= 0 (got {stage.start_step})")
+            if k == 0:
+                _require(stage.start_step == 0, f"{where}.start_step", f"of the first stage must be 0 (got "
+                         f"{stage.start_step})")
+            else:
+                before = stages[k - 1].start_step
+                _require(stage.start_step > before, f"{where}.start_step",
+                         f"({stage.start_step}) must be after the previous stage's ({before})")
+            names = set()
+            for i, source in enumerate(stage.mixture):
+                at = f"{where}{'.mixture' if self.stages else ''}[{i}]"
+                _require(bool(source.path), f"{at}.path", "is missing: a prepared dataset directory")
+                _require(source.weight is not None, f"{at}.weight", "is missing: a positive number")
+                _require(source.weight > 0, f"{at}.weight", f"must be positive (got {source.weight})")
+                name = source_name(source)
+                _require(name not in names, f"{at}.name", f"'{name}' names two sources of {key}: give each a name")
+                names.add(name)
+        paths: dict[str, str] = {}
+        for stage in stages:
+            for source in stage.mixture:
+                name = source_name(source)
+                _require(paths.setdefault(name, source.path) == source.path, f"{key} source '{name}'",
+                         f"has two paths ({paths[name]}, {source.path}): one name, one dataset")
+
+    def stage_list(self) -> list[DataStage]:
+        """The mixtures of the run, as stages (one for data.mixture); [] for the one-source case (data.path)."""
+        return list(self.stages) or ([DataStage(0, list(self.mixture))] if self.mixture else [])
+
+    def tokenizer_path(self) -> str:
+        """A dataset of the run, the one whose tokenizer the checkpoints carry (every source shares it)."""
+        stages = self.stage_list()
+        return stages[0].mixture[0].path if stages else self.path
+
+
+def source_name(source: MixtureSource) -> str:
+    return source.name or (source.path.rstrip("/").rsplit("/", 1)[-1] or source.path)
 
 
 @dataclass
@@ -356,3 +324,6 @@ class Config:
             section.check()
         _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
                  f"({self.data.seq_len}) must be <= model.max_seq_len ({self.model.max_seq_len})")
+        _require(not (self.data.position_reset and not self.model.document_masking), "data.position_reset",
+                 "needs model.document_masking=true: positions restarting while attention still sees the documents "
+                 "before would tell the model nothing true")
