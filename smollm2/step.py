@@ -71,7 +71,8 @@ def train_step(model, optimizer: torch.optim.Optimizer, micro_batches, accum: in
                loss_sum: torch.Tensor | None = None, inspect_grads=None) -> tuple[torch.Tensor, torch.Tensor]:
     """grad_accum micro-steps (gradients reduce-scatter only on the last one), clipping, the optimizer step.
 
-    `micro_batches`: [(inputs, targets)] of this rank; `accum` divides each micro-batch's mean loss so that the gradient is
+    `micro_batches`: [(inputs, targets)] of this rank, or (inputs, targets, {"doc_ids": ..., "positions": ...}) where
+    document masking has a micro-batch of several documents; `accum` divides each micro-batch's mean loss so that the gradient is
     the mean over the global batch (equal tokens per window). The detached losses are added in place to `loss_sum` (a new
     zero tensor if None), which is returned with the pre-clipping gradient norm. The LR is set by the caller beforehand.
     `inspect_grads(model)`, if given, sees the full step's gradients before clipping (the trainer's gradient flow, on
@@ -80,10 +81,10 @@ def train_step(model, optimizer: torch.optim.Optimizer, micro_batches, accum: in
         loss_sum = torch.zeros((), device=micro_batches[0][0].device)
     last = len(micro_batches) - 1
     sync = getattr(model, "set_requires_gradient_sync", None)
-    for k, (inputs, targets) in enumerate(micro_batches):
+    for k, (inputs, targets, *documents) in enumerate(micro_batches):
         if sync is not None:  # FSDP2: gradients reduce only on the last micro-step
             sync(k == last)
-        loss = model(inputs, targets)
+        loss = model(inputs, targets, **(documents[0] if documents else {}))
         if accum > 1:  # (dividing by 1 is exact; skipping it saves an op and an autograd node per micro-step)
             loss = loss / accum
         loss.backward()

@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from smollm2.checkpoint import Checkpointer, ModelAndOptimizer, read_meta, resolve
 from smollm2.config import Config, load_config, to_dict, to_yaml
-from smollm2.data import Dataset, TrainLoader, ValWindows
-from smollm2.data.tokenizer import check_resume_tokenizer, dataset_tokenizer
+from smollm2.data.mixture import open_training_data
+from smollm2.data.tokenizer import check_resume_tokenizer
 from smollm2.distributed import (
     DistEnv,
     check_shared_dir,
@@ -39,6 +38,7 @@ from smollm2.distributed import (
     shutdown,
 )
 from smollm2.errors import STOP_EXIT_CODE, STOP_MARKER, CheckpointError, TrainingDiverged
+from smollm2.model import attention_kernel
 from smollm2.observe.gradflow import GradientFlow
 from smollm2.observe.metrics import (
     ConsoleSink,
@@ -52,6 +52,7 @@ from smollm2.observe.metrics import (
 )
 from smollm2.observe.ranklog import RankLog, fault_hook
 from smollm2.observe.tracking import make_wandb_sink, watching
+from smollm2.observe.validation import validation_loss
 from smollm2.optim import LRSchedule, build_optimizer
 from smollm2.parallelize import build_model
 from smollm2.serve.generate import SpecialIds, generate
@@ -90,6 +91,13 @@ def _value(tensor) -> float:
     return float(tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor)
 
 
+def masked_attention(cfg: Config, device: torch.device) -> str | None:
+    """The kernel document masking runs on here (None without masking); ConfigError for one that cannot run."""
+    if not cfg.model.document_masking:
+        return None
+    return attention_kernel(cfg.model, device, torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32)
+
+
 def _due(interval: int, step: int, last: bool) -> bool:
     """A cadence: every `interval` steps (0: never), and at the run's last step."""
     return bool(interval) and (step % interval == 0 or last)
@@ -106,11 +114,9 @@ class Run:
             (self.run_dir / STOP_MARKER).unlink(missing_ok=True)  # a marker describes the run that wrote it, not this one
         torch.manual_seed(cfg.train.seed + env.rank)
         data, train = cfg.data, cfg.train
-        dataset = Dataset.open(data.path, cfg.model.vocab_size)
-        self.tokenizer = dataset_tokenizer(data.path)  # the data's: samples are decoded with it, a resume must match it
-        self.loader = TrainLoader(dataset, data.seq_len, data.micro_batch, train.grad_accum, env.rank, env.world_size,
-                                  data.seed, device=env.device, prefetch=data.prefetch)
-        self.val = ValWindows(dataset, data.seq_len, cfg.eval.windows) if cfg.eval.interval else None
+        self.kernel = masked_attention(cfg, env.device)  # before anything is built: a combination that cannot run
+        self.data = open_training_data(cfg, env.rank, env.world_size, env.device, cfg.model.document_masking)
+        self.loader, self.tokenizer = self.data.loader, self.data.tokenizer
         self.model = build_model(cfg, env)
         self.optimizer = build_optimizer(self.model, cfg.optim, env.device)
         self.schedule = LRSchedule(cfg.optim)
@@ -164,6 +170,8 @@ class Run:
         self.checkpointer.load(path, self.parts(), self.cfg, verified=True)  # choose() checked its files
         for change in self.schedule.changed:
             self.say(f"warning: the LR schedule differs from the checkpoint's ({change}): the curve will jump")
+        for change in self.loader.changed:
+            self.say(f"warning: data: {change}")
         self.say(f"resumed from {path} at step {self.state.step} (world size {self.env.world_size})")
         return path
 
@@ -175,7 +183,7 @@ class Run:
         except CheckpointError:  # a missing or damaged checkpoint: choose() says so, as for any resume
             return
         if path is not None:
-            check_resume_tokenizer(recorded, self.tokenizer, path, self.cfg.data.path)
+            check_resume_tokenizer(recorded, self.tokenizer, path, self.cfg.data.tokenizer_path())
 
     def _open_sinks(self, resumed_from: Path | None) -> None:
         """Rank 0's sinks (console, JSONL, WandB); the others log nothing. The gradient flow's histograms are collective,
@@ -201,7 +209,10 @@ class Run:
         self.say(f"model {self.model.num_params():,} parameters | world size {env.world_size} on {env.device.type} | "
                  f"{self.tokens_per_step:,} tokens/step ({micro} x {accum} x {env.world_size} windows of {seq_len}) | "
                  f"dtype {cfg.train.dtype} | activation checkpointing {cfg.train.activation_checkpointing}")
-        for line in describe_ranks(env):  # where each rank runs: host, device, GPU (collective)
+        if self.kernel:
+            reset = "restart at each document" if self.data.loader.position_reset else "0..T-1"
+            self.say(f"document masking: {self.kernel} (positions {reset})")
+        for line in describe_ranks(env) + self.data.notes:  # where each rank runs (collective); the mixture's plan
             self.say(line)
         if self.state.step >= cfg.train.max_steps:
             self.say(f"already at step {self.state.step} >= train.max_steps={cfg.train.max_steps}: nothing to do")
@@ -218,15 +229,27 @@ class Run:
                 f"{self.run_dir / 'checkpoints'} (lower optim.lr or check the data, then --resume latest)")
         speed = self.throughput.measure(max_steps - step)
         group_norms, histograms = self.flow.take()
+        events, drawn = self.loader.take_news()
+        for event in events:
+            self.say(f"step {step}: {event}")
         self.metrics.log("train", {"step": step, "max_steps": max_steps, "loss": loss, "lr": lr,
                                    "grad_norm": _value(grad_norm), "tokens_seen": self.state.tokens_seen,
                                    "peak_mem_gib": peak_memory_gib(self.env.device), **speed,
                                    "data_wait_ms": 1000 * window.data_wait / window.steps, **resources(self.env.device),
-                                   **{f"grad_norm/{g}": v for g, v in group_norms.items()}, "time": time.time()})
+                                   **{f"grad_norm/{g}": v for g, v in group_norms.items()}, **self._data_shares(drawn),
+                                   "time": time.time()})
         for what, groups in histograms.items():
             self.metrics.log("histogram", {"step": step, "what": what, "groups": groups})
         window.loss_sum.zero_()
         window.steps, window.data_wait = 0, 0.0
+
+    def _data_shares(self, drawn: dict[str, int]) -> dict[str, float]:
+        """A mixture's per-source tokens so far, and each source's share of the windows since the last log line."""
+        if not self.data.mixed:
+            return {}
+        total, consumed = sum(drawn.values()), self.loader.cursor.consumed
+        return {**{f"data/{name}/tokens": n * self.cfg.data.seq_len for name, n in zip(drawn, consumed)},
+                **{f"data/{name}/share": n / total for name, n in drawn.items()}}
 
     def save(self, grad_norm: torch.Tensor) -> None:
         """A checkpoint of this step; never of a diverged state (the good ones before it are kept)."""
@@ -321,41 +344,15 @@ def _loop(run: Run) -> None:
                 return
         # eval, samples, checkpoint: not counted as training time
         with run.throughput.paused():
-            if run.val is not None and _due(cfg.eval.interval, step, last):
-                run.metrics.log("eval", {"step": step, **validation_loss(run.model, run.val, cfg, env)})
+            if run.data.val is not None and _due(cfg.eval.interval, step, last):
+                losses = validation_loss(run.model, run.data.val, run.data.weights(), cfg.data.micro_batch, env,
+                                         (run.loader.eos_id, run.loader.position_reset))
+                run.metrics.log("eval", {"step": step, **losses})
             if _due(cfg.sample.interval, step, last):
                 write_samples(run.model, cfg, env, step, run.metrics, run.tokenizer)
             if _due(cfg.checkpoint.interval, step, last) or last:
                 run.save(grad_norm)
     run.committed()  # the run's last save is committed before it ends
-
-
-@torch.no_grad()
-def validation_loss(model, val: ValWindows, cfg: Config, env: DistEnv) -> dict:
-    """Mean loss over the fixed val windows. Every rank runs the same number of forwards (FSDP's all-gathers are
-    collective); a rank with fewer windows repeats its last one with weight 0."""
-    model.eval()
-    windows = val.rank_windows(env.rank, env.world_size)
-    batch = cfg.data.micro_batch
-    most = math.ceil(val.num_windows / env.world_size)
-    n_batches = max(1, math.ceil(most / batch))
-    loss_sum = torch.zeros((), device=env.device, dtype=torch.float64)
-    token_count = torch.zeros((), device=env.device, dtype=torch.float64)
-    for b in range(n_batches):
-        chunk = windows[b * batch : (b + 1) * batch]
-        weight = 1.0
-        if len(chunk) == 0:  # keep step with the other ranks
-            chunk, weight = (windows[-1:] if len(windows) else val.rank_windows(0, 1)[:1]), 0.0
-        chunk = chunk.to(env.device, non_blocking=True)
-        loss = model(chunk[:, :-1], chunk[:, 1:])
-        tokens = chunk[:, 1:].numel()
-        loss_sum += loss.double() * tokens * weight
-        token_count += tokens * weight
-    totals = torch.stack([loss_sum, token_count])
-    dist.all_reduce(totals)
-    model.train()
-    val_loss = (totals[0] / totals[1]).item()
-    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "windows": val.num_windows}
 
 
 def write_samples(model, cfg: Config, env: DistEnv, step: int, metrics: Metrics, tok) -> None:

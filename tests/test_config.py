@@ -1,7 +1,7 @@
 import pytest
 
 from smollm2.checkpoint import check_model_matches
-from smollm2.config import load_config, to_dict
+from smollm2.config import load_config, load_saved_config, to_dict, to_yaml
 from smollm2.errors import CheckpointError, ConfigError
 
 
@@ -107,6 +107,45 @@ def test_values_that_could_only_fail_later_are_refused_now(root, overrides, mess
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
+MIX = "data.mixture=[{path: data/a, weight: 3}, {path: data/b, weight: 1}]"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.mixture=[{path: data/a}]"], "invalid config: data.mixture[0].weight is missing: a positive number"),
+    (["data.mixture=[{path: data/a, weight: 1}, {path: data/b, weight: -1}]"],
+     "invalid config: data.mixture[1].weight must be positive (got -1.0)"),
+    (["data.mixture=[{weight: 1}]"], "invalid config: data.mixture[0].path is missing: a prepared dataset directory"),
+    (["data.mixture=[{path: data/a, wieght: 1}]"], "override 'data.mixture=[{path: data/a, wieght: 1}]': bad value for "
+                                                  "'wieght': Key 'wieght' not in 'MixtureSource'"),
+    (["data.mixture=[{path: data/a, weight: 1}, {path: other/a, weight: 1}]"],
+     "invalid config: data.mixture[1].name 'a' names two sources of data.mixture: give each a name"),
+    ([MIX, "data.stages=[{start_step: 0, mixture: [{path: data/a, weight: 1}]}]"],
+     "invalid config: data.mixture and data.stages are exclusive"),
+    (["data.stages=[{start_step: 5, mixture: [{path: data/a, weight: 1}]}]"],
+     "invalid config: data.stages[0].start_step of the first stage must be 0 (got 5)"),
+    (["data.stages=[{start_step: 0, mixture: [{path: data/a, weight: 1}]}, {start_step: 0, mixture: []}]"],
+     "invalid config: data.stages[1].mixture lists no source"),
+    (["data.stages=[{start_step: 0, mixture: [{path: data/a, weight: 1}]}, {start_step: 0, mixture: "
+      "[{path: data/b, weight: 1}]}]"], "invalid config: data.stages[1].start_step (0) must be after the previous "
+                                        "stage's (0)"),
+    (["data.stages=[{start_step: 0, mixture: [{path: data/a, weight: 1}]}, {start_step: 9, mixture: "
+      "[{path: x/a, weight: 1}]}]"], "invalid config: data.stages source 'a' has two paths (data/a, x/a)"),
+    (["data.position_reset=true"], "invalid config: data.position_reset needs model.document_masking=true"),
+])
+def test_a_bad_mixture_is_one_line(root, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(root / "configs/tiny.yaml", overrides)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_a_mixture_reads_from_flow_yaml_and_survives_a_saved_config(root, tmp_path):
+    cfg = load_config(root / "configs/tiny.yaml", [MIX])
+    assert [(s.path, s.weight, s.name) for s in cfg.data.mixture] == [("data/a", 3.0, None), ("data/b", 1.0, None)]
+    assert cfg.data.tokenizer_path() == "data/a" and cfg.data.stage_list()[0].start_step == 0
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    assert load_saved_config(tmp_path / "config.yaml") == cfg == load_config(tmp_path / "config.yaml")
+
+
 def test_max_seq_len_does_not_block_a_resume(root, tmp_path):
     """No tensor depends on model.max_seq_len (RoPE angles are computed per position): a checkpoint's model section may
     differ there, but not in a shape."""
@@ -171,7 +210,7 @@ def test_a_saved_config_is_read_leniently(root, tmp_path, capsys):
 def test_the_model_keys_a_resume_may_change_are_marked_beside_their_fields():
     from smollm2.config import MAY_DIFFER_ON_RESUME
 
-    assert MAY_DIFFER_ON_RESUME == {"max_seq_len", "attention", "init_std"}
+    assert MAY_DIFFER_ON_RESUME == {"max_seq_len", "attention", "init_std", "document_masking"}
 
 
 def test_wandb_log_model_is_checked_not_rewritten(root):

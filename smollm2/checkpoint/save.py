@@ -5,7 +5,7 @@ background save (smollm2/checkpoint/background.py) follow.
               `.tmp-step-N/` (a killed save's leftover removed)
     write     every rank: its DCP shards and its RNG file, fsynced
     finish    every rank hashes a share of the files; rank 0 writes train_state.json, config.yaml, the dataset's
-              tokenizer.json (when it has one: cfg.data.path), meta.json (sizes, digests), and COMPLETE, fsyncs them
+              tokenizer.json (when it has one: the data's), meta.json (sizes, digests), and COMPLETE, fsyncs them
               and the directory, and renames it to `step-N/`: the commit; then retention, then `latest` (at a
               checkpoint that exists)
 
@@ -205,7 +205,7 @@ class SaveJob:
         """The checkpoint carries the tokenizer its data was made with (generate and export read it): the dataset's
         tokenizer.json, digested like the data files, and meta.json's "tokenizer" (name, vocab, EOS, pad, sha256).
         Nothing for GPT-2's bundled BPE: a checkpoint without one is GPT-2's, as every checkpoint saved before."""
-        found = tokenizer_to_save(self.cfg.data.path)
+        found = tokenizer_to_save(self.cfg.data.tokenizer_path())
         if found is None:
             return
         raw, meta["tokenizer"] = found

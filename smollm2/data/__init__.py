@@ -1,5 +1,6 @@
-"""The data path: token shards (shards.py) listed by a manifest (manifest.py), read as a dataset (dataset.py) and cut into
-training windows in one global deterministic order (loader.py); the tokenizer (tokenizer.py) that made them."""
+"""The data path: token shards (shards.py) listed by a manifest (manifest.py), read as a dataset (dataset.py); the windows
+of one dataset or a mixture in one global deterministic order (order.py), batched per rank (loader.py); what a run
+trains on, opened and checked from its config (mixture.py); the tokenizer (tokenizer.py) that made them."""
 
 from smollm2.data.dataset import Dataset
 

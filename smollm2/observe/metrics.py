@@ -125,7 +125,8 @@ class ConsoleSink:
                     f"mem {r['peak_mem_gib']:.2f} GiB | {r['step_ms']:.0f} ms/step{wait} | "
                     f"ETA {_fmt_duration(r['eta_s'])}")
         elif kind == "eval":
-            line = (f"eval step {r['step']:>6} | val loss {r['val_loss']:.4f} | val ppl {r['val_ppl']:.2f} | "
+            sources = "".join(f" | {k.split('/')[1]} {v:.4f}" for k, v in r.items() if k.endswith("/val_loss"))
+            line = (f"eval step {r['step']:>6} | val loss {r['val_loss']:.4f} | val ppl {r['val_ppl']:.2f}{sources} | "
                     f"{r['windows']} windows")
         elif kind == "sample":
             line = f"sample step {r['step']:>6} | {r['prompt']!r} -> {r['text']!r}"
