@@ -41,6 +41,11 @@ def _selective_policy():
             aten._scaled_dot_product_efficient_attention.default, aten._scaled_dot_product_cudnn_attention.default}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         save.add(aten._scaled_dot_product_flash_attention_for_cpu.default)
+    # document masking's GPU kernels: flash-attn's own ops (registered as torch ops by flash-attn >= 2.6), where loaded
+    flash = getattr(torch.ops, "flash_attn", None)
+    for name in ("_flash_attn_forward", "_flash_attn_varlen_forward"):
+        if flash is not None and hasattr(flash, name):
+            save.add(getattr(flash, name).default)
 
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE

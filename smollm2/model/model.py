@@ -7,6 +7,7 @@ The options (defaults = the model above, bit for bit): `n_kv_head` (grouped-quer
 query and n_kv_head key and value heads; the KV cache only the latter), `norm` (layernorm | rmsnorm), `mlp` (gelu |
 swiglu: gate and up fused in one `fc` matmul, [gate; up]), `bias` (every linear layer and LayerNorm), `tie_embeddings`.
 configs/smollm2_135m_llama.yaml sets them to SmolLM2-135M's: 30 x 576, 9 heads / 3 KV heads, SwiGLU, RMSNorm, no biases.
+`document_masking` (training): attention stays inside each document of a packed window (`doc_ids`; attention.py).
 
 The embedding table is stored padded to a multiple of 128 rows (50,258 -> 50,304) for even FSDP shards and fast matmuls;
 the padded logits are set to -inf, so they never carry probability mass in the loss and are never sampled.
@@ -25,13 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from smollm2.config import AttentionBackend, Mlp, ModelConfig, Norm
+from smollm2.model.attention import AttentionPlan, attend, attention_plan, flash_attn_func
 from smollm2.model.loss import linear_cross_entropy
 from smollm2.model.rotary import apply_rope, left_padding, rope_cos_sin
-
-try:  # optional: flash-attn has no wheels; SDPA already picks flash/cuDNN kernels on GPUs
-    from flash_attn import flash_attn_func  # type: ignore[import-not-found]
-except Exception:  # noqa: BLE001 - ImportError, or a broken CUDA build
-    flash_attn_func = None
 
 
 def padded_vocab_size(cfg: ModelConfig) -> int:
@@ -67,13 +64,16 @@ class KVCache:
 # --------------------------------------------------------------------------------------------------------------- blocks
 
 
-def naive_attention(q, k, v, causal_offset: int | None):
-    """Reference attention: explicit masked softmax. `causal_offset` = position of q[0] among the keys (None: no mask).
-    Fewer key/value heads than query heads (GQA): each serves its consecutive group of query heads."""
+def naive_attention(q, k, v, causal_offset: int | None, mask: torch.Tensor | None = None):
+    """Reference attention: explicit masked softmax. `causal_offset` = position of q[0] among the keys (None: no mask);
+    `mask` [B, 1, Tq, Tk] (True = may attend) instead, e.g. a document mask. Fewer key/value heads than query heads (GQA):
+    each serves its consecutive group of query heads."""
     if k.shape[1] != q.shape[1]:
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    if causal_offset is not None:
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif causal_offset is not None:
         tq, tk = q.shape[2], k.shape[2]
         allowed = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=causal_offset)
         scores = scores.masked_fill(~allowed, float("-inf"))
@@ -92,7 +92,8 @@ class Attention(nn.Module):
         self.sdpa = partial(F.scaled_dot_product_attention, enable_gqa=True) if cfg.kv_heads != cfg.n_head else \
             F.scaled_dot_product_attention
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0, mask: torch.Tensor | None = None):
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0, mask: torch.Tensor | None = None,
+                plan: AttentionPlan | None = None):
         B, T, C = x.shape
         # [B, H, T, D] and 2 x [B, H_kv, T, D]; split + transpose (not one permute of [B, T, 3, H, D]: the same values,
         # and a cheaper compiled backward for RoPE and the split: docs/performance.md, "q, k, v: split + transpose")
@@ -100,7 +101,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, start_pos, k, v)
-        y = self._attend(q, k, v, start_pos, mask)
+        if plan is not None:  # training: documents, or flex's causal block mask (SmolLM.forward, once for every block)
+            y = attend(q, k, v, plan, self.sdpa, naive_attention)
+        else:
+            y = self._attend(q, k, v, start_pos, mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
     def _attend(self, q, k, v, start_pos: int, mask: torch.Tensor | None = None):
@@ -112,6 +116,8 @@ class Attention(nn.Module):
             backend = AttentionBackend.flash_attn if usable else AttentionBackend.sdpa
         if backend == AttentionBackend.naive:
             return naive_attention(q, k, v, start_pos)
+        if backend == AttentionBackend.flex:  # here only with a KV cache (generation): a block mask per decode step
+            backend = AttentionBackend.sdpa  # and length would cost more than it saves; SDPA computes the same
         if backend == AttentionBackend.flash_attn:
             if flash_attn_func is None:
                 raise RuntimeError("model.attention=flash_attn but the flash_attn package is not importable")
@@ -163,13 +169,15 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.recompute = recompute
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0, mask: torch.Tensor | None = None):
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0, mask: torch.Tensor | None = None,
+                plan: AttentionPlan | None = None):
         if self.recompute is not None and kv_cache is None and torch.is_grad_enabled():
-            return self.recompute(self._forward, x, cos, sin)
-        return self._forward(x, cos, sin, kv_cache, start_pos, mask)
+            return self.recompute(self._forward, x, cos, sin, None, 0, mask, plan)
+        return self._forward(x, cos, sin, kv_cache, start_pos, mask, plan)
 
-    def _forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0, mask: torch.Tensor | None = None):
-        x = x + self.attn(self.norm1(x), cos, sin, kv_cache, start_pos, mask)
+    def _forward(self, x, cos, sin, kv_cache: KVCache | None = None, start_pos: int = 0, mask: torch.Tensor | None = None,
+                 plan: AttentionPlan | None = None):
+        x = x + self.attn(self.norm1(x), cos, sin, kv_cache, start_pos, mask, plan)
         return x + self.mlp(self.norm2(x))
 
 
@@ -202,27 +210,47 @@ class SmolLM(nn.Module):
         self.rope_cos, self.rope_sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
 
     def forward(self, idx, targets=None, *, kv_cache: KVCache | None = None, start_pos: int = 0,
-                left_pad: torch.Tensor | None = None):
+                left_pad: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None):
         """idx [B, T] -> logits [B, T, padded_vocab] (padded columns -inf), or the mean cross-entropy if targets given.
         `left_pad` [B]: row b starts with that many padding slots (batched prompts of different lengths; see
-        `left_padding`); `start_pos` counts slots, padding included."""
-        T, end, mask, head_dim = idx.shape[1], start_pos + idx.shape[1], None, self.cfg.head_dim
-        # fp32 tables whatever dtype the weights run in (apply_rope rotates in fp32): in bf16, cos/sin would keep 8
-        # significant bits. Whatever wraps the blocks must hand them over unconverted.
-        if left_pad is not None:  # per-row positions
-            positions, mask = left_padding(left_pad.to(idx.device), start_pos, T)
-            cos, sin = rope_cos_sin(positions, head_dim, self.cfg.rope_theta)
-        elif end <= self.rope_cos.shape[0] and self.rope_cos.dtype == torch.float32:
-            cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
-        else:  # past the tables, or a model cast to another dtype
-            cos, sin = rope_cos_sin(torch.arange(start_pos, end, device=idx.device), head_dim, self.cfg.rope_theta)
+        `left_padding`); `start_pos` counts slots, padding included.
+        Training on packed documents (attention.py): `doc_ids` [B, T] (each position's document in its row) keeps
+        attention causal and inside each document; `positions` [B, T] (None: 0..T-1) are the per-row RoPE positions."""
+        if (doc_ids is not None or positions is not None) and (kv_cache is not None or left_pad is not None):
+            raise ValueError("doc_ids and positions are for training windows; generation (kv_cache, left_pad) takes neither")
+        for name, given in (("doc_ids", doc_ids), ("positions", positions)):
+            if given is not None and given.shape != idx.shape:
+                raise ValueError(f"{name} has shape {tuple(given.shape)}; the input ids have {tuple(idx.shape)}")
+        cos, sin, mask = self._rope(idx, start_pos, left_pad, positions)
         x = self.embed(idx)
+        plan = None  # built once, for every block; not on the plain path (the builder is not compiled: a graph break)
+        if kv_cache is None and left_pad is None and (doc_ids is not None or self.cfg.attention == AttentionBackend.flex):
+            plan = attention_plan(self.cfg, doc_ids, idx.shape[1], idx.device, x.dtype)
         for block in self.blocks:
-            x = block(x, cos, sin, kv_cache, start_pos, mask)
+            x = block(x, cos, sin, kv_cache, start_pos, mask, plan)
         x = self.norm(x)
         if targets is not None:
             return self.loss(x, targets)
         return self.logits(x)
+
+    def _rope(self, idx, start_pos: int, left_pad: torch.Tensor | None, positions: torch.Tensor | None):
+        """cos, sin ([T, D], or [B, 1, T, D] for per-row positions) and the left-padding mask (or None)."""
+        T, end, head_dim = idx.shape[1], start_pos + idx.shape[1], self.cfg.head_dim
+        # fp32 tables whatever dtype the weights run in (apply_rope rotates in fp32): in bf16, cos/sin would keep 8
+        # significant bits. Whatever wraps the blocks must hand them over unconverted.
+        tables = end <= self.rope_cos.shape[0] and self.rope_cos.dtype == torch.float32
+        if left_pad is not None:  # per-row positions
+            positions, mask = left_padding(left_pad.to(idx.device), start_pos, T)
+            return *rope_cos_sin(positions, head_dim, self.cfg.rope_theta), mask
+        if positions is not None:  # documents' positions (each < T: they restart within the window): rows of the tables
+            if tables:
+                return self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1), None
+            return *rope_cos_sin(positions, head_dim, self.cfg.rope_theta), None
+        if tables:
+            return self.rope_cos[start_pos:end], self.rope_sin[start_pos:end], None
+        # past the tables, or a model cast to another dtype
+        return *rope_cos_sin(torch.arange(start_pos, end, device=idx.device), head_dim, self.cfg.rope_theta), None
 
     def logits(self, h):
         logits = self.head(h)
