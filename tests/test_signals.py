@@ -187,6 +187,9 @@ def test_a_second_ctrl_c_exits_at_once_without_a_checkpoint(shakespeare_data, tm
     run = tmp_path / "run"
     proc = train_sh(run, shakespeare_data, 1, 2000, 2002, "logging.interval=1000", "checkpoint.interval=0")
     wait_for(lambda: trainer_handles_sigint(proc.pid), proc, "the trainer's SIGINT handler", timeout=60)
+    log = run / "logs" / "rank-00000.log"  # its start-up line: the loop is next (a stop before it needs no second one)
+    wait_for(lambda: log.exists() and "world size 1 on cpu" in log.read_text(), proc, "the start-up line", timeout=60)
+    time.sleep(1.0)
     os.killpg(proc.pid, signal.SIGINT)
     time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGINT)
