@@ -121,9 +121,10 @@ def test_usr1_to_torchrun_checkpoints_exits_with_the_stop_code_and_a_rerun_conti
     # No rank left running: the workers and torchrun are gone (train.sh waited for torchrun, which reaped them).
     assert [pid for pid in [torchrun, *workers] if alive(pid)] == []
     assert processes_mentioning(str(run)) == []
+    # the rerun on one rank (a requeued job may get fewer nodes): the stream and the model reshard, the phases verify
     rerun = subprocess.run(["launch/train.sh", "configs/tiny.yaml", *STOPPABLE, f"data.path={shakespeare_data}",
-                            f"train.run_dir={run}"], cwd=ROOT, env=launch_env(**phases), capture_output=True,
-                           text=True, timeout=300)
+                            f"train.run_dir={run}"], cwd=ROOT, env=launch_env(**{**phases, "nproc": 1}),
+                           capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resumed from {run}/checkpoints/step-{step:06d} at step {step}" in rerun.stdout
     assert "both phases verified" in rerun.stdout and not (run / STOP_MARKER).exists()

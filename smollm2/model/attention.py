@@ -162,7 +162,7 @@ def attention_plan(cfg: ModelConfig, doc_ids: torch.Tensor | None, T: int, devic
 
 @functools.cache
 def _eager_plan():
-    # torch.compiler.disable imports torch._dynamo: done at the first plan, not at import (every process's start-up)
+    # torch.compiler.disable imports torch._dynamo: at the first plan, not at import (generate and export never need it)
     return torch.compiler.disable(_plan)
 
 

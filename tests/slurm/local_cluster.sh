@@ -2,7 +2,8 @@
 # A two-node SLURM cluster on this machine for tests/test_slurm.py (Debian's slurm-wlm 22.05 + munge), as root: two
 # slurmd daemons (`slurmd -N node1`, `-N node2`, each on its own port), so that `sbatch --nodes=2` starts one task per
 # "node" exactly as on two hosts. The nodes' address is 127.0.0.1 (NodeAddr), which launch/slurm.sbatch reads.
-# cred_expire=10: a requeued job may start again after 10 s instead of the default 120 s.
+# cred_expire=10: a requeued job may start again after 10 s instead of the default 120 s; sched_interval=2: the main
+# scheduling loop, which is what starts it then (no event does), runs every 2 s instead of every 60 s.
 #   tests/slurm/local_cluster.sh install   apt-get install slurm-wlm munge (CI does this), then start
 #   tests/slurm/local_cluster.sh start     configure and start munged, slurmctld, 2 x slurmd (idempotent)
 #   tests/slurm/local_cluster.sh stop      end the daemons that start started, and nothing else
@@ -83,6 +84,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 AuthInfo=cred_expire=10
+SchedulerParameters=sched_interval=2
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd-%n
 SlurmctldPidFile=$state/slurmctld.pid
