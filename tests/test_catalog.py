@@ -190,6 +190,10 @@ def init_from_another_shape(tmp, data, run):
     return train_cmd(run, data, f"train.init_from={OLD_CHECKPOINT}"), [OLD_CHECKPOINT]
 
 
+def masking_on_a_kernel_that_cannot_run(tmp, data, run):
+    return train_cmd(run, data, "model.document_masking=true", "model.attention=flash_attn"), []
+
+
 ROWS = [
     ("config typo", config_typo, "unknown config key 'train.max_step'; did you mean 'train.max_steps'?"),
     ("missing data dir", missing_data_dir, "no prepared dataset at"),
@@ -214,6 +218,8 @@ ROWS = [
     ("generate: cuda without CUDA", generate_on_cuda_without_cuda, "--device cuda, but torch sees no CUDA device"),
     ("train: init_from of another model shape", init_from_another_shape,
      "was written for another model shape (model.vocab_size: checkpoint 256, config 50258; "),
+    ("train: document masking on a kernel that cannot run here", masking_on_a_kernel_that_cannot_run,
+     "model.attention=flash_attn runs on CUDA only, not cpu; use model.attention=auto"),
 ]
 
 
