@@ -76,9 +76,10 @@ def shakespeare_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def two_rank_run(tmp_path_factory, shakespeare_data) -> Path:
-    """The session's two-rank run (tiny.TWO_RANK_RUN, 20 steps). Read it; a test that writes into a run uses a copy."""
+    """The session's two-rank run (tiny.TWO_RANK_RUN, 20 steps; steps 2-3 profiled, for tests/test_profile.py). Read it;
+    a test that writes into a run uses a copy."""
     run = tmp_path_factory.mktemp("two_rank_run") / "run"
-    tiny.train(2, run, shakespeare_data, *tiny.TWO_RANK_RUN, *tiny.SHAPE[2], "train.max_steps=20")
+    tiny.train(2, run, shakespeare_data, *tiny.TWO_RANK_RUN, *tiny.SHAPE[2], "train.max_steps=20", "train.profile_steps=[2,3]")
     return run
 
 
