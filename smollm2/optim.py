@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from smollm2.config import OptimConfig, Schedule
@@ -42,13 +43,75 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     # None: auto = fused on CUDA; elsewhere torch's single-tensor loop, bitwise the foreach update and faster on CPU.
     # Fused on CPU is faster still but not bitwise the others (the bf16 CPU runs of tests/test_train_numerics.py sit at
     # their tolerance with it), so it is opt-in there (`optim.fused=true`). (docs/performance.md, "AdamW on CPU")
-    fused = device.type == "cuda" if cfg.fused is None else cfg.fused
+    fused = device.type == "cuda" or cfg.spike_guard if cfg.fused is None else cfg.fused  # the guard skips inside it
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return LocalAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused,
                       foreach=None if fused else device.type == "cuda")
+
+
+class SpikeGuard:
+    """optim.spike_guard: whether this step's update is applied (llm.c's -sl/-sg, OLMo-core's SkipStepAdamW), decided on
+    the device with no host sync.
+
+    A step is skipped when its loss (the mean over the ranks) or its gradient norm is above mean + z * std of the last
+    `spike_window` accepted steps, once that many were accepted. The fused AdamW skips it whole on the device (its
+    `found_inf`: parameters, moments and step count unchanged); the step's data is consumed all the same, and a skipped
+    step does not enter the window. Every rank decides alike: both values are the same on every rank. The log step reads
+    the counters (`take`): skips since the last line, in all, and whether `spike_max_skips` came in a row."""
+
+    def __init__(self, cfg: OptimConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+        zeros = lambda dtype: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
+        self.window = torch.zeros(2, cfg.spike_window, dtype=torch.float64, device=device)  # losses; gradient norms
+        self.accepted, self.streak, self.skipped = zeros(torch.int64), zeros(torch.int64), zeros(torch.int64)
+        self.tripped_at = zeros(torch.int64)  # the step spike_max_skips in a row ended at (0: never)
+        self.z = torch.tensor([cfg.spike_z_loss, cfg.spike_z_grad], dtype=torch.float64, device=device)
+        self._reported = 0
+
+    @torch.no_grad()
+    def decide(self, optimizer: torch.optim.Optimizer, step_loss: torch.Tensor, grad_norm: torch.Tensor,
+               step: int) -> None:
+        """Before optimizer.step(): sets its `found_inf` to 1 for a step to skip, 0 otherwise."""
+        loss = step_loss.detach().double()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            loss = loss.clone()
+            dist.all_reduce(loss)  # the global mean: every rank decides alike
+            loss /= dist.get_world_size()
+        values = torch.stack([loss, grad_norm.detach().double().reshape(())])
+        mean, std = self.window.mean(dim=1), self.window.std(dim=1)
+        full = self.accepted >= self.cfg.spike_window
+        skip = full & (values > mean + self.z * std).any()
+        keep = ~skip
+        slot = self.accepted % self.cfg.spike_window
+        self.window[:, slot] = torch.where(keep, values, self.window[:, slot])
+        self.accepted += keep.long()
+        self.streak = (self.streak + 1) * skip.long()
+        self.skipped += skip.long()
+        trips = (self.streak >= self.cfg.spike_max_skips) & (self.tripped_at == 0)
+        self.tripped_at = torch.where(trips, torch.full_like(self.tripped_at, step), self.tripped_at)
+        optimizer.found_inf = skip.float().to(self.device)  # read by torch's fused Adam(W) step
+
+    def take(self) -> tuple[int, int, int]:
+        """(skipped since the last call, skipped in all, the step a run of spike_max_skips ended at or 0): a host sync."""
+        total, tripped = int(self.skipped), int(self.tripped_at)
+        new, self._reported = total - self._reported, total
+        return new, total, tripped
+
+    def state_dict(self) -> dict:
+        return {"window": self.window.tolist(), "accepted": int(self.accepted), "streak": int(self.streak),
+                "skipped": int(self.skipped), "tripped_at": int(self.tripped_at)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A checkpoint's window (one of another window size, or none: a guard turned on at this resume, starts empty)."""
+        if len(state.get("window", [[]])[0]) != self.cfg.spike_window:
+            return
+        self.window = torch.tensor(state["window"], dtype=torch.float64, device=self.device)
+        for name in ("accepted", "streak", "skipped", "tripped_at"):
+            setattr(self, name, torch.tensor(int(state[name]), dtype=torch.int64, device=self.device))
+        self._reported = int(state["skipped"])
 
 
 class LRSchedule:

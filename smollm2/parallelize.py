@@ -19,7 +19,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from smollm2.config import Config, Dtype, FsdpWrap, Recompute
 from smollm2.distributed import DistEnv
 from smollm2.errors import ConfigError
-from smollm2.model import SmolLM
+from smollm2.model import SmolLM, attention_kernel
 
 
 def compile_enabled(setting: bool | None, device: torch.device) -> bool:
@@ -128,6 +128,14 @@ def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
         param.to_local().copy_(shard.to_local())
     else:
         param.copy_(full)
+
+
+def masked_attention(cfg: Config, device: torch.device) -> str | None:
+    """The kernel document masking trains with here (None without masking), in the activations' dtype; a one-line
+    ConfigError for a combination that cannot run (smollm2/model/attention.py)."""
+    if not cfg.model.document_masking:
+        return None
+    return attention_kernel(cfg.model, device, torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32)
 
 
 def build_model(cfg: Config, env: DistEnv, *, init_seed: int | None = None) -> SmolLM:

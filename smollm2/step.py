@@ -68,7 +68,8 @@ def weights_finite(parameters) -> bool:
 
 
 def train_step(model, optimizer: torch.optim.Optimizer, micro_batches, accum: int, grad_clip: float | None,
-               loss_sum: torch.Tensor | None = None, inspect_grads=None) -> tuple[torch.Tensor, torch.Tensor]:
+               loss_sum: torch.Tensor | None = None, inspect_grads=None, before_update=None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """grad_accum micro-steps (gradients reduce-scatter only on the last one), clipping, the optimizer step.
 
     `micro_batches`: [(inputs, targets)] of this rank, or (inputs, targets, {"doc_ids": ..., "positions": ...}) where
@@ -76,10 +77,12 @@ def train_step(model, optimizer: torch.optim.Optimizer, micro_batches, accum: in
     the mean over the global batch (equal tokens per window). The detached losses are added in place to `loss_sum` (a new
     zero tensor if None), which is returned with the pre-clipping gradient norm. The LR is set by the caller beforehand.
     `inspect_grads(model)`, if given, sees the full step's gradients before clipping (the trainer's gradient flow, on
-    log steps only)."""
+    log steps only). `before_update(step_loss, grad_norm)`, if given, runs between clipping and the update (the spike
+    guard: this rank's loss of the step, summed over its micro-steps, and the pre-clipping norm)."""
     if loss_sum is None:
         loss_sum = torch.zeros((), device=micro_batches[0][0].device)
     last = len(micro_batches) - 1
+    step_loss = torch.zeros((), device=loss_sum.device) if before_update is not None else None
     sync = getattr(model, "set_requires_gradient_sync", None)
     for k, (inputs, targets, *documents) in enumerate(micro_batches):
         if sync is not None:  # FSDP2: gradients reduce only on the last micro-step
@@ -89,9 +92,13 @@ def train_step(model, optimizer: torch.optim.Optimizer, micro_batches, accum: in
             loss = loss / accum
         loss.backward()
         loss_sum += loss.detach()
+        if step_loss is not None:
+            step_loss += loss.detach()
     if inspect_grads is not None:
         inspect_grads(model)
     grad_norm = clip_grad_norm(model.parameters(), grad_clip)
+    if before_update is not None:
+        before_update(step_loss, grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm

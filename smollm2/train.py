@@ -12,12 +12,12 @@ checkpoint. Other steps make no host sync.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,6 @@ from smollm2.distributed import (
     shutdown,
 )
 from smollm2.errors import STOP_EXIT_CODE, STOP_MARKER, CheckpointError, TrainingDiverged
-from smollm2.model import attention_kernel
 from smollm2.observe.gradflow import GradientFlow
 from smollm2.observe.metrics import (
     ConsoleSink,
@@ -50,12 +49,13 @@ from smollm2.observe.metrics import (
     peak_memory_gib,
     resources,
 )
+from smollm2.observe.profile import make_profiler
 from smollm2.observe.ranklog import RankLog, fault_hook
 from smollm2.observe.tracking import make_wandb_sink, watching
 from smollm2.observe.validation import validation_loss
-from smollm2.optim import LRSchedule, build_optimizer
-from smollm2.parallelize import build_model
-from smollm2.serve.generate import SpecialIds, generate
+from smollm2.optim import LRSchedule, SpikeGuard, build_optimizer
+from smollm2.parallelize import build_model, masked_attention
+from smollm2.serve.generate import write_samples
 from smollm2.step import train_step, weights_finite
 from smollm2.stopping import StopRequest, mark_stopped
 
@@ -91,13 +91,6 @@ def _value(tensor) -> float:
     return float(tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor)
 
 
-def masked_attention(cfg: Config, device: torch.device) -> str | None:
-    """The kernel document masking runs on here (None without masking); ConfigError for one that cannot run."""
-    if not cfg.model.document_masking:
-        return None
-    return attention_kernel(cfg.model, device, torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32)
-
-
 def _due(interval: int, step: int, last: bool) -> bool:
     """A cadence: every `interval` steps (0: never), and at the run's last step."""
     return bool(interval) and (step % interval == 0 or last)
@@ -108,13 +101,13 @@ class Run:
 
     def __init__(self, cfg: Config, env: DistEnv, stop: StopRequest):
         self.cfg, self.env, self.stop = cfg, env, stop
+        self.kernel = masked_attention(cfg, env.device)  # first: a combination that cannot run stops before any work
         self.run_dir = Path(cfg.train.run_dir)
         check_shared_dir(self.run_dir, env)  # creates it; a node-local run_dir would fail only at the first checkpoint
         if env.is_main:
             (self.run_dir / STOP_MARKER).unlink(missing_ok=True)  # a marker describes the run that wrote it, not this one
         torch.manual_seed(cfg.train.seed + env.rank)
         data, train = cfg.data, cfg.train
-        self.kernel = masked_attention(cfg, env.device)  # before anything is built: a combination that cannot run
         self.data = open_training_data(cfg, env.rank, env.world_size, env.device, cfg.model.document_masking)
         self.loader, self.tokenizer = self.data.loader, self.data.tokenizer
         self.model = build_model(cfg, env)
@@ -125,6 +118,8 @@ class Run:
                                          keep_every=cfg.checkpoint.keep_every, async_save=cfg.checkpoint.async_save)
         self.tokens_per_step = data.micro_batch * train.grad_accum * env.world_size * data.seq_len
         self.in_flight: list[dict] = []  # the background save's event, logged once it is committed
+        self.guard = SpikeGuard(cfg.optim, env.device) if cfg.optim.spike_guard else None
+        self.profiler = make_profiler(self.run_dir, env.rank, env.device, train.profile_steps, train.memory_snapshot)
         resumed_from = self._resume()
         if env.is_main:  # only now: a refused start (bad data, another model shape) leaves the run's config as it was
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -139,7 +134,7 @@ class Run:
     def parts(self) -> dict[str, Any]:
         """What a checkpoint holds (see smollm2/checkpoint/manager.py)."""
         return {"model": ModelAndOptimizer(self.model, self.optimizer), "train": self.state, "loader": self.loader,
-                "schedule": self.schedule}
+                "schedule": self.schedule, **({"spike_guard": self.guard} if self.guard else {})}
 
     def say(self, message: str) -> None:
         if self.env.is_main:
@@ -230,32 +225,42 @@ class Run:
         speed = self.throughput.measure(max_steps - step)
         group_norms, histograms = self.flow.take()
         events, drawn = self.loader.take_news()
+        spikes, tripped = self._spikes(step)
         for event in events:
             self.say(f"step {step}: {event}")
         self.metrics.log("train", {"step": step, "max_steps": max_steps, "loss": loss, "lr": lr,
                                    "grad_norm": _value(grad_norm), "tokens_seen": self.state.tokens_seen,
                                    "peak_mem_gib": peak_memory_gib(self.env.device), **speed,
                                    "data_wait_ms": 1000 * window.data_wait / window.steps, **resources(self.env.device),
-                                   **{f"grad_norm/{g}": v for g, v in group_norms.items()}, **self._data_shares(drawn),
+                                   **{f"grad_norm/{g}": v for g, v in group_norms.items()}, **self.data.shares(drawn), **spikes,
                                    "time": time.time()})
         for what, groups in histograms.items():
             self.metrics.log("histogram", {"step": step, "what": what, "groups": groups})
         window.loss_sum.zero_()
         window.steps, window.data_wait = 0, 0.0
+        if tripped:
+            raise TrainingDiverged(f"{self.cfg.optim.spike_max_skips} updates in a row skipped as spikes, by step {tripped}; "
+                                   f"stopping without saving. The last good checkpoint is kept in {self.run_dir / 'checkpoints'}")
 
-    def _data_shares(self, drawn: dict[str, int]) -> dict[str, float]:
-        """A mixture's per-source tokens so far, and each source's share of the windows since the last log line."""
-        if not self.data.mixed:
-            return {}
-        total, consumed = sum(drawn.values()), self.loader.cursor.consumed
-        return {**{f"data/{name}/tokens": n * self.cfg.data.seq_len for name, n in zip(drawn, consumed)},
-                **{f"data/{name}/share": n / total for name, n in drawn.items()}}
+    def _spikes(self, step: int) -> tuple[dict[str, int], int]:
+        """The spike guard's skips in all (a line when some came since the last one), and the step that ended
+        spike_max_skips in a row (0: none)."""
+        if self.guard is None:
+            return {}, 0
+        new, total, tripped = self.guard.take()
+        if new:
+            self.say(f"step {step}: skipped {new} update(s) as loss or gradient-norm spikes since the last line ({total} in all)")
+        return {"skipped_steps": total}, tripped
 
     def save(self, grad_norm: torch.Tensor) -> None:
         """A checkpoint of this step; never of a diverged state (the good ones before it are kept)."""
         step = self.state.step
         norm, finite_weights = _value(grad_norm), weights_finite(self.model.parameters())  # the same on every rank
         self.committed()  # the previous save (in the background) held a good state: it is kept either way
+        if self.guard is not None and int(self.guard.tripped_at):
+            raise TrainingDiverged(f"{self.cfg.optim.spike_max_skips} updates in a row skipped as spikes, by step "
+                                   f"{int(self.guard.tripped_at)}; not checkpointing. The last good checkpoint is kept in "
+                                   f"{self.run_dir / 'checkpoints'}")
         if not math.isfinite(norm) or not finite_weights:
             what = f"gradient norm is {norm}" if not math.isfinite(norm) else "the weights hold NaN or infinite values"
             raise TrainingDiverged(f"{what} at step {step}; not checkpointing. The last good checkpoint is kept in "
@@ -327,13 +332,20 @@ def _loop(run: Run) -> None:
         lr = run.schedule.apply(run.optimizer, state.step)
         wait_start = time.perf_counter()
         fault_hook(step, env.rank)
+        if run.profiler:
+            run.profiler.begin(step)
         batch = run.loader.next_step()  # the time spent here is the input pipeline's (an input-bound run shows it)
         window.data_wait += time.perf_counter() - wait_start
+        guard = partial(run.guard.decide, run.optimizer, step=step) if run.guard else None
         _, grad_norm = train_step(run.model, run.optimizer, batch, cfg.train.grad_accum, cfg.optim.grad_clip,
-                                  loss_sum=window.loss_sum, inspect_grads=run.flow.hook(log_step))
+                                  loss_sum=window.loss_sum, inspect_grads=run.flow.hook(log_step), before_update=guard)
         state.step, state.tokens_seen = step, state.tokens_seen + run.tokens_per_step
         window.steps += 1
         run.throughput.step()
+        if run.profiler:
+            run.profiler.end(step)
+            for line in run.profiler.take_lines():
+                run.say(line)
         # the log line, and there a stop request: every rank checkpoints this step and exits
         if log_step:
             run.log_train(window, grad_norm, lr)
@@ -349,21 +361,10 @@ def _loop(run: Run) -> None:
                                          (run.loader.eos_id, run.loader.position_reset))
                 run.metrics.log("eval", {"step": step, **losses})
             if _due(cfg.sample.interval, step, last):
-                write_samples(run.model, cfg, env, step, run.metrics, run.tokenizer)
+                write_samples(run.model, cfg.sample.prompts, cfg.generate, env.device, step, run.metrics.log, run.tokenizer)
             if _due(cfg.checkpoint.interval, step, last) or last:
                 run.save(grad_norm)
     run.committed()  # the run's last save is committed before it ends
-
-
-def write_samples(model, cfg: Config, env: DistEnv, step: int, metrics: Metrics, tok) -> None:
-    """One sample per prompt of sample.prompts (prompt i with seed + i: samples differ, and repeat across evals), in the
-    dataset's tokenizer `tok`. Decoding feeds the blocks one new token at a time against a growing KV cache: every shape
-    is new, so compiled blocks would recompile per token. Sampling is a small cost; it runs eagerly."""
-    with torch.compiler.set_stance("force_eager"):
-        for i, prompt in enumerate(cfg.sample.prompts):
-            settings = dataclasses.replace(cfg.generate, seed=cfg.generate.seed + i)
-            ids = generate(model, tok.encode(prompt), settings, device=env.device, special=SpecialIds.of(tok))
-            metrics.log("sample", {"step": step, "prompt": prompt, "text": tok.decode(ids), "tokens": len(ids)})
 
 
 @record  # a failing rank's error (message + traceback) lands in torchrun's failure summary, naming the rank

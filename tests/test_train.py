@@ -164,3 +164,24 @@ def test_compiled_blocks_match_eager(shakespeare_data, tmp_path):
         by_mode[compile_setting] = [r["loss"] for r in records(run)]
         assert len(records(run, "samples.jsonl")) == 2
     assert by_mode["true"] == pytest.approx(by_mode["false"], rel=1e-4)
+
+
+def test_the_spike_guard_through_the_trainer(shakespeare_data, tmp_path):
+    """optim.spike_guard in a real run: skips are logged (train/skipped_steps, a console line), the window is in the
+    checkpoint and its count continues after a resume, and spike_max_skips in a row stop the run in one line without a
+    checkpoint of that state. (What is skipped, and that a resume keeps the window bitwise: tests/test_optim.py.) A tiny
+    z makes most steps count as spikes."""
+    run = tmp_path / "run"
+    guard = [*SMALL, "optim.spike_guard=true", "optim.spike_window=2", "optim.spike_z_loss=1e-6",
+             "optim.spike_z_grad=1e-6", "optim.warmup_steps=0"]
+    first = launch(0, run, shakespeare_data, *guard, "optim.spike_max_skips=100", "train.max_steps=6")
+    skipped = [r["skipped_steps"] for r in records(run)]
+    assert skipped[-1] > 0 and skipped == sorted(skipped) and "update(s) as loss or gradient-norm spikes" in first.stdout
+    saved = json.loads((run / "checkpoints/latest/train_state.json").read_text())["spike_guard"]
+    assert saved["skipped"] == skipped[-1] and len(saved["window"][0]) == 2
+    second = launch(0, run, shakespeare_data, *guard, "optim.spike_max_skips=2", "train.max_steps=20", "--resume", "latest",
+                    check=False)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert "error: 2 updates in a row skipped as spikes, by step " in second.stderr
+    assert records(run)[-1]["skipped_steps"] > skipped[-1]
+    assert [c.name for c in (run / "checkpoints").glob("step-*")] == ["step-000006"]

@@ -3,7 +3,7 @@
 A checkpoint is a directory `<run_dir>/checkpoints/step-000500/`:
 
     .metadata, __*_*.distcp    model + optimizer, sharded: every rank writes its part (DCP reshards on load)
-    train_state.json           step, tokens seen, logger run id, loader state, LR-schedule settings
+    train_state.json           step, tokens seen, logger run id, loader state, LR-schedule settings, spike-guard window
     rng/rank-00000.pt          each rank's RNG states (CPU, CUDA, numpy, python) as plain tensors, lists and numbers
     config.yaml                the resolved config
     meta.json                  step, world size, model config, resolved config, versions, time, `final` (the run's

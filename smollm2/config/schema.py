@@ -184,9 +184,17 @@ class TrainConfig:
     # naming the operation, instead of hanging. A first checkpoint of the seed model on slow shared storage can take
     # minutes: keep it well above one.
     dist_timeout_min: float = 30.0
+    # A torch.profiler trace of optimizer steps [start, end] (inclusive), per rank, into <run_dir>/profile/ ([] = none)
+    profile_steps: list[int] = field(default_factory=list)
+    memory_snapshot: int | None = None  # a CUDA memory snapshot after this step (docs/observe.md, "Profiles")
 
     def check(self) -> None:
         _positive(self, "train.", "max_steps", "grad_accum", "dist_timeout_min")
+        steps = self.profile_steps
+        _require(not steps or (len(steps) == 2 and 1 <= steps[0] <= steps[1]), "train.profile_steps",
+                 f"must be [start, end] with 1 <= start <= end (got {list(steps)})")
+        _require(self.memory_snapshot is None or self.memory_snapshot >= 1, "train.memory_snapshot",
+                 f"must be a step >= 1 (got {self.memory_snapshot})")
         _non_negative(self, "train.", "dp_shard")
         _require(bool(self.run_dir), "train.run_dir", "must not be empty")
         _require(not (self.init_from and self.resume), "train.init_from",
@@ -210,6 +218,13 @@ class OptimConfig:
     wsd_decay_fraction: float = 0.2  # wsd: the last fraction of decay_steps decays linearly
     min_lr_ratio: float = 0.1  # floor = lr * min_lr_ratio
     fused: bool | None = None  # null = auto: fused on CUDA, torch's single-tensor loop elsewhere
+    # Skip the update of a step whose loss or gradient norm is above mean + z * std of the last `spike_window` accepted
+    # steps (off until the window is full); the step's data is consumed all the same. Needs the fused AdamW (on CPU too).
+    spike_guard: bool = False
+    spike_window: int = 128
+    spike_z_loss: float = 3.6
+    spike_z_grad: float = 6.0
+    spike_max_skips: int = 10  # consecutive skips that stop the run (the last good checkpoint is kept)
 
     def check(self) -> None:
         _positive(self, "optim.", "lr", "decay_steps")
@@ -221,6 +236,10 @@ class OptimConfig:
         _require(self.warmup_steps <= self.decay_steps, "optim.warmup_steps",
                  f"({self.warmup_steps}) must be <= optim.decay_steps ({self.decay_steps})")
         _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+        _positive(self, "optim.", "spike_z_loss", "spike_z_grad", "spike_max_skips")
+        _require(self.spike_window >= 2, "optim.spike_window", f"must be >= 2 (got {self.spike_window})")
+        _require(not (self.spike_guard and self.fused is False), "optim.spike_guard",
+                 "skips an update inside the fused AdamW (no host sync): drop optim.fused=false")
 
 
 @dataclass

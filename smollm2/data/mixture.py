@@ -30,6 +30,15 @@ class TrainingData:
     def mixed(self) -> bool:
         return self.loader.order.mixed
 
+    def shares(self, drawn: dict[str, int]) -> dict[str, float]:
+        """For the log line of a mixture: each source's tokens so far, and its share of the windows `drawn` since the last
+        line (TrainLoader.take_news); nothing for one dataset."""
+        if not self.mixed:
+            return {}
+        total, seq_len = sum(drawn.values()), self.loader.seq_len
+        return {**{f"data/{name}/tokens": n * seq_len for name, n in zip(drawn, self.loader.cursor.consumed)},
+                **{f"data/{name}/share": n / total for name, n in drawn.items()}}
+
     def weights(self) -> dict[str, float]:
         """The sources' weights in the stage of the last step taken (normalized): what the mixed val loss averages by."""
         order = self.loader.order

@@ -17,7 +17,7 @@ import codecs
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -274,6 +274,19 @@ def _device(name: str) -> torch.device:
 
 def _shown(text: str) -> str:
     return repr(text[:40]) + ("..." if len(text) > 40 else "")
+
+
+def write_samples(model, prompts: list[str], settings: GenerateConfig, device, step: int,
+                  log: Callable[[str, dict], None], tok) -> None:
+    """The trainer's samples: one per prompt (prompt i with seed + i: samples differ, and repeat across evals), in the
+    dataset's tokenizer `tok`, each handed to `log("sample", ...)`. Decoding feeds the blocks one new token at a time
+    against a growing KV cache: every shape is new, so compiled blocks would recompile per token. Sampling is a small
+    cost; it runs eagerly."""
+    with torch.compiler.set_stance("force_eager"):
+        for i, prompt in enumerate(prompts):
+            ids = generate(model, tok.encode(prompt), replace(settings, seed=settings.seed + i), device=device,
+                           special=SpecialIds.of(tok))
+            log("sample", {"step": step, "prompt": prompt, "text": tok.decode(ids), "tokens": len(ids)})
 
 
 def main(argv: list[str] | None = None) -> int:
