@@ -57,10 +57,11 @@ class SpikeGuard:
     the device with no host sync.
 
     A step is skipped when its loss (the mean over the ranks) or its gradient norm is above mean + z * std of the last
-    `spike_window` accepted steps, once that many were accepted. The fused AdamW skips it whole on the device (its
-    `found_inf`: parameters, moments and step count unchanged); the step's data is consumed all the same, and a skipped
-    step does not enter the window. Every rank decides alike: both values are the same on every rank. The log step reads
-    the counters (`take`): skips since the last line, in all, and whether `spike_max_skips` came in a row."""
+    `spike_window` accepted steps, once that many were accepted, or is not finite (at any step). The fused AdamW skips
+    it whole on the device (its `found_inf`: parameters, moments and step count unchanged); the step's data is consumed
+    all the same, and a skipped step does not enter the window. Every rank decides alike: both values are the same on
+    every rank. The log step reads the counters (`take`): skips since the last line, in all, and whether
+    `spike_max_skips` came in a row."""
 
     def __init__(self, cfg: OptimConfig, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -83,7 +84,8 @@ class SpikeGuard:
         values = torch.stack([loss, grad_norm.detach().double().reshape(())])
         mean, std = self.window.mean(dim=1), self.window.std(dim=1)
         full = self.accepted >= self.cfg.spike_window
-        skip = full & (values > mean + self.z * std).any()
+        # a NaN or infinite loss or norm is always skipped (it would poison the window and the weights), even early
+        skip = ~torch.isfinite(values).all() | (full & ~(values <= mean + self.z * std).all())
         keep = ~skip
         slot = self.accepted % self.cfg.spike_window
         self.window[:, slot] = torch.where(keep, values, self.window[:, slot])

@@ -132,10 +132,9 @@ def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
 
 def masked_attention(cfg: Config, device: torch.device) -> str | None:
     """The kernel document masking trains with here (None without masking), in the activations' dtype; a one-line
-    ConfigError for a combination that cannot run (smollm2/model/attention.py)."""
-    if not cfg.model.document_masking:
-        return None
-    return attention_kernel(cfg.model, device, torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32)
+    ConfigError for a combination that cannot run, masked or not (smollm2/model/attention.py)."""
+    kernel = attention_kernel(cfg.model, device, torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32)
+    return kernel if cfg.model.document_masking else None
 
 
 def build_model(cfg: Config, env: DistEnv, *, init_seed: int | None = None) -> SmolLM:

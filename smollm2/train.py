@@ -298,6 +298,10 @@ class Run:
         self.state.stopped_by_signal = True
 
     def close(self) -> None:
+        if self.profiler:
+            self.profiler.close(self.state.step)
+            for line in self.profiler.take_lines():
+                self.say(line)
         self.loader.close()
         self.metrics.close()
 
@@ -343,7 +347,7 @@ def _loop(run: Run) -> None:
         window.steps += 1
         run.throughput.step()
         if run.profiler:
-            run.profiler.end(step)
+            run.profiler.end(step, last)
             for line in run.profiler.take_lines():
                 run.say(line)
         # the log line, and there a stop request: every rank checkpoints this step and exits

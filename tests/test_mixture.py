@@ -229,3 +229,17 @@ def test_a_staged_masked_mixture_trains_on_2_ranks_and_resumes_at_1_and_3(docume
     assert last["data/web/share"] == 0 and last["data/math/share"] == last["data/code/share"] == 0.5
     evals = tiny.records(run, "eval.jsonl")
     assert {k for k in evals[-1] if k.startswith("eval/")} == {f"eval/{n}/val_loss" for n in SOURCES}
+
+
+def test_a_resume_keeps_its_stage_when_only_later_stages_or_the_listing_order_change(source_dirs):
+    data = stages_arg(source_dirs, (0, {"web": 1, "code": 1}), (50, {"math": 1}))
+    reference = take(loaders(config(data, 2, 2), 1), 12)
+    first = loaders(config(data, 2, 2), 1)
+    stream = take(first, 7)
+    later = loaders(config(stages_arg(source_dirs, (0, {"web": 1, "code": 1}), (60, {"math": 1})), 2, 2), 1)[0]
+    later.load_state_dict(first[0].state_dict())
+    assert later.changed == ["the stages after this one differ from the checkpoint's: they apply when reached"]
+    reordered = loaders(config(stages_arg(source_dirs, (0, {"code": 1, "web": 1}), (50, {"math": 1})), 2, 2), 1)[0]
+    reordered.load_state_dict(first[0].state_dict())
+    assert reordered.changed == []
+    assert stream + take([later], 5) == reference and stream + take([reordered], 5) == reference

@@ -187,3 +187,17 @@ def test_every_rank_decides_alike_from_the_global_loss(tmp_path):
     (s0, v0), (s1, v1) = run_ranks(_guarded_ranks, [(), ()], tmp_path)
     assert s0 == s1 == "ok", (v0, v1)
     assert v0[0] == v1[0] == (1, 1, 0) and v0[1] == v1[1]
+
+
+def test_a_non_finite_loss_or_norm_is_skipped_at_any_step_and_stays_out_of_the_window():
+    from types import SimpleNamespace
+
+    from smollm2.optim import SpikeGuard
+
+    guard, optimizer = SpikeGuard(GUARD, torch.device("cpu")), SimpleNamespace()
+    for step, (loss, norm) in enumerate([(1.0, 1.0), (float("nan"), 1.0), (1.1, float("inf")), (0.9, 1.1), (1.0, 0.9),
+                                         (1.05, 1.0), (100.0, 1.0)], start=1):
+        guard.decide(optimizer, torch.tensor(loss), torch.tensor(norm), step)
+        assert float(optimizer.found_inf) == (step in (2, 3, 7)), step
+    assert torch.isfinite(guard.window).all()
+    assert guard.take() == (3, 3, 3)  # steps 2 and 3: spike_max_skips=2 in a row, ending at step 3

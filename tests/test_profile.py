@@ -67,3 +67,22 @@ def test_two_gloo_ranks_each_write_a_readable_trace(two_rank_run):
     log = (two_rank_run / "logs" / "rank-00000.log").read_text()
     assert f"profile of steps 2-3: {two_rank_run / 'profile'}/rank-*/trace-steps-000002-000003.json.gz" in log
     assert "profile of steps" not in (two_rank_run / "logs" / "rank-00001.log").read_text()  # said once, by rank 0
+
+
+def test_a_run_that_starts_or_ends_inside_the_range_traces_what_it_runs(tmp_path):
+    profiler = make_profiler(tmp_path, 0, torch.device("cpu"), [2, 9], None)
+    for step in (4, 5):  # a resume at step 3 (steps 4 and 5 run), ending at its max_steps=5
+        profiler.begin(step)
+        torch.ones(3).sum()
+        profiler.end(step, last=step == 5)
+    (line,) = profiler.take_lines()
+    assert line.startswith("profile of steps 4-5: ")
+    assert (tmp_path / "profile" / "rank-00000" / "trace-steps-000004-000005.json.gz").is_file()
+
+
+def test_a_run_that_stops_inside_the_range_still_writes_its_trace(tmp_path):
+    profiler = make_profiler(tmp_path, 0, torch.device("cpu"), [1, 9], None)
+    profiler.begin(1)
+    torch.ones(3).sum()
+    profiler.close(1)  # Run.close(): a stop request, or an error, at step 1
+    assert profiler.take_lines()[0].startswith("profile of steps 1-1: ")

@@ -95,7 +95,7 @@ def _one_tokenizer(paths: dict[str, str]):
 def _plan_notes(order: WindowOrder, cfg: Config, world_size: int) -> list[str]:
     """Each source's share per stage, and the epochs the run (to train.max_steps) will draw of it."""
     per_step = cfg.data.micro_batch * cfg.train.grad_accum * world_size
-    bounds = [s.start_step for s in order.stages] + [max(cfg.train.max_steps, order.stages[-1].start_step)]
+    bounds = [min(s.start_step, cfg.train.max_steps) for s in order.stages] + [cfg.train.max_steps]
     notes = []
     for k, stage in enumerate(order.stages):
         shares = ", ".join(f"{name} {w:.1%}" for name, w in zip(order.names, stage.weights) if w > 0)

@@ -6,8 +6,8 @@ permutation of range(N) drawn from PCG64 seeded by (seed, epoch). The cursor is 
 A mixture (data.mixture / data.stages): each source is its own epoch stream (a permutation per epoch seeded by (seed, a
 key of the source's name, epoch)), repeating with a new shuffle when it is exhausted. Which source position g draws from
 is decided inside the stage that holds it: position p of the stage goes to the source with the largest deficit
-`w_i * (p + 1) - drawn_i` (weights normalized, drawn_i its windows so far in the stage; ties to the source named first
-in the config), so every source's count stays within about one window of its share at every point and within two over
+`w_i * (p + 1) - drawn_i` (weights normalized, drawn_i its windows so far in the stage; ties to the first name in
+alphabetical order, so the order the sources are listed in does not matter), so every source's count stays within about one window of its share at every point and within two over
 any span (docs/data.md, "Mixtures"): over 100 steps of G >= 2 windows, within 1% of its weight. A stage starts at the first step at or after its start_step. The cursor holds the position, the steps taken, the stage and each
 source's counts; the choice depends on those alone, never on the world size, micro-batch or accumulation, so a run
 resumed at another world size continues the same sequence (at the same global batch, stage boundaries fall at the same
@@ -157,11 +157,12 @@ class WindowOrder:
         weights = self.stages[cursor.stage].weights
         drawn = list(cursor.stage_counts)
         live = [i for i, w in enumerate(weights) if w > 0]
+        first = {i: -rank for rank, i in enumerate(sorted(live, key=lambda i: self.sources[i].name))}  # ties: by name
         p = cursor.position - cursor.stage_start
         out = np.empty(count, dtype=np.int64)
         for j in range(count):
             p += 1
-            best = max(live, key=lambda i: (weights[i] * p - drawn[i], -i))
+            best = max(live, key=lambda i: (weights[i] * p - drawn[i], first[i]))
             drawn[best] += 1
             out[j] = best
         return out
@@ -230,9 +231,12 @@ class WindowOrder:
         consumed = tuple(int(saved.get(name, {}).get("consumed_windows", 0)) for name in self.names)
         stages = [{"start_step": s.start_step, "weights": dict(zip(self.names, s.weights))} for s in self.stages]
         step = int(state["steps"])
-        if stages == state["stages"] and not warnings:  # the same mixture: exactly where it stood
+        current = self.stage_at(max(step - 1, 0))  # the stage of the last step taken, as the checkpoint's "stage" is
+        if stages[current] == state["stages"][int(state["stage"])] and not warnings:  # exactly where it stood
+            if stages != state["stages"]:
+                warnings.append("the stages after this one differ from the checkpoint's: they apply when reached")
             counts = tuple(int(saved[name]["stage_windows"]) for name in self.names)
-            return Cursor(position, step, int(state["stage"]), int(state["stage_start_windows"]), counts, consumed), []
+            return Cursor(position, step, current, int(state["stage_start_windows"]), counts, consumed), warnings
         warnings.append(f"the mixture differs from the checkpoint's: from step {step} on, it draws by this run's "
                         "weights")
         # a new stretch of the stage starts here: its shares count from this position

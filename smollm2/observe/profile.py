@@ -26,42 +26,57 @@ class StepProfiler:
         self.start, self.stop = (steps[0], steps[1]) if steps else (None, None)
         self.memory_step = memory_step if device.type == "cuda" else None
         self._profiler: torch.profiler.profile | None = None
+        self._first, self._done = 0, False  # the first step traced; whether the trace is written
+        self._recording = False  # CUDA allocations, from the first step on (not past the snapshot's step: a resume)
         self.lines: list[str] = []  # for rank 0's log
         if memory_step is not None and device.type != "cuda":
             self.lines.append(f"train.memory_snapshot={memory_step}: a CUDA memory snapshot; skipped on {device.type}")
-        if self.memory_step is not None:
-            torch.cuda.memory._record_memory_history(max_entries=100_000)
 
     def begin(self, step: int) -> None:
-        if step == self.start:
+        """At START (or the first step after it: a run resumed inside the range traces what is left of it)."""
+        if self.memory_step is not None and not self._recording and step <= self.memory_step:
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
+            self._recording = True
+        if self.start is not None and self.start <= step <= self.stop and self._profiler is None and not self._done:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self._profiler = torch.profiler.profile(activities=activities)
             self._profiler.start()
+            self._first = step
 
-    def end(self, step: int) -> None:
-        if step == self.stop and self._profiler is not None:
+    def end(self, step: int, last: bool = False) -> None:
+        """After END, or after the run's last step when it ends inside the range."""
+        if self._profiler is not None and (step == self.stop or last):
             self._profiler.stop()
-            self._write_trace()
-            self._profiler = None
-        if step == self.memory_step:
+            self._write_trace(step)
+            self._profiler, self._done = None, True
+        if step == self.memory_step and self._recording:
+            self._recording = False
             self.dir.mkdir(parents=True, exist_ok=True)
             path = self.dir / f"memory-step-{step:06d}.pickle"
             torch.cuda.memory._dump_snapshot(str(path))
             torch.cuda.memory._record_memory_history(enabled=None)
             self.lines.append(f"memory snapshot after step {step}: {path} (open it at https://pytorch.org/memory_viz)")
 
-    def _write_trace(self) -> None:
+    def _write_trace(self, last: int) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        plain = self.dir / f"trace-steps-{self.start:06d}-{self.stop:06d}.json"
+        plain = self.dir / f"trace-steps-{self._first:06d}-{last:06d}.json"
         assert self._profiler is not None
         self._profiler.export_chrome_trace(str(plain))
         with open(plain, "rb") as src, gzip.open(plain.with_suffix(".json.gz"), "wb") as dst:
             shutil.copyfileobj(src, dst)
         plain.unlink()
-        self.lines.append(f"profile of steps {self.start}-{self.stop}: {self.dir.parent}/rank-*/{plain.name}.gz "
+        self.lines.append(f"profile of steps {self._first}-{last}: {self.dir.parent}/rank-*/{plain.name}.gz "
                           f"(open in https://ui.perfetto.dev); {top_ops(self._profiler, self.device)}")
+
+    def close(self, step: int) -> None:
+        """The run ends (a stop request, an error): a trace in progress is written up to `step`, recording ends."""
+        if self._profiler is not None:
+            self.end(step, last=True)
+        if self._recording:
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self._recording = False
 
     def take_lines(self) -> list[str]:
         lines, self.lines = self.lines, []

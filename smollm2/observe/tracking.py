@@ -99,7 +99,7 @@ class WandbSink:
                               config=config)
         self.run_id = self.run.id
         self.wandb_step = max(self._read_counter(), int(getattr(self.run, "step", 0) or 0))
-        for prefix in ("train", "eval", "grad_norm", "hist", "restart", "samples", "checkpoint"):
+        for prefix in ("train", "eval", "grad_norm", "data", "hist", "restart", "samples", "checkpoint"):
             self.run.define_metric(f"{prefix}/*", step_metric="train/step")
         self.run.define_metric("samples", step_metric="train/step")
         self.samples: list[list[Any]] = []
