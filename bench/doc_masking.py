@@ -31,7 +31,7 @@ import torch
 from bench.cases import PROXIES
 from bench.timing import synchronize, time_alternating
 from smollm2.config import AttentionBackend, Config, load_config
-from smollm2.data.loader import document_ids
+from smollm2.data.loader import documents_of
 from smollm2.distributed import init_distributed, shutdown
 from smollm2.errors import ConfigError
 from smollm2.model import attention_kernel
@@ -74,8 +74,8 @@ class Runner:
             if attention is None:
                 self.batches.append([(x, y)])
             else:
-                doc_ids, positions = (torch.from_numpy(a).to(device) for a in document_ids(x.cpu().numpy(), eos))
-                self.batches.append([(x, y, {"doc_ids": doc_ids, "positions": positions})])
+                docs = documents_of(x.cpu().numpy(), eos, position_reset=True)
+                self.batches.append([(x, y, {name: t.to(device) for name, t in docs.items()})])
         self.k = 0
 
     def step(self) -> None:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from smollm2.config import OptimConfig, Schedule
+from smollm2.errors import TrainingDiverged
 
 
 class LocalAdamW(torch.optim.AdamW):
@@ -101,6 +102,11 @@ class SpikeGuard:
         total, tripped = int(self.skipped), int(self.tripped_at)
         new, self._reported = total - self._reported, total
         return new, total, tripped
+
+    def stopped(self, tripped: int, outcome: str, kept: object) -> TrainingDiverged:
+        """The error that ends a run after spike_max_skips skips in a row (ending at step `tripped`)."""
+        return TrainingDiverged(f"{self.cfg.spike_max_skips} updates in a row skipped as spikes, by step {tripped}; "
+                                f"{outcome}. The last good checkpoint is kept in {kept}")
 
     def state_dict(self) -> dict:
         return {"window": self.window.tolist(), "accepted": int(self.accepted), "streak": int(self.streak),

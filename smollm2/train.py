@@ -239,8 +239,7 @@ class Run:
         window.loss_sum.zero_()
         window.steps, window.data_wait = 0, 0.0
         if tripped:
-            raise TrainingDiverged(f"{self.cfg.optim.spike_max_skips} updates in a row skipped as spikes, by step {tripped}; "
-                                   f"stopping without saving. The last good checkpoint is kept in {self.run_dir / 'checkpoints'}")
+            raise self.guard.stopped(tripped, "stopping without saving", self.run_dir / "checkpoints")
 
     def _spikes(self, step: int) -> tuple[dict[str, int], int]:
         """The spike guard's skips in all (a line when some came since the last one), and the step that ended
@@ -258,9 +257,7 @@ class Run:
         norm, finite_weights = _value(grad_norm), weights_finite(self.model.parameters())  # the same on every rank
         self.committed()  # the previous save (in the background) held a good state: it is kept either way
         if self.guard is not None and int(self.guard.tripped_at):
-            raise TrainingDiverged(f"{self.cfg.optim.spike_max_skips} updates in a row skipped as spikes, by step "
-                                   f"{int(self.guard.tripped_at)}; not checkpointing. The last good checkpoint is kept in "
-                                   f"{self.run_dir / 'checkpoints'}")
+            raise self.guard.stopped(int(self.guard.tripped_at), "not checkpointing", self.run_dir / "checkpoints")
         if not math.isfinite(norm) or not finite_weights:
             what = f"gradient norm is {norm}" if not math.isfinite(norm) else "the weights hold NaN or infinite values"
             raise TrainingDiverged(f"{what} at step {step}; not checkpointing. The last good checkpoint is kept in "

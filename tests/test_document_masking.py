@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from smollm2.config import ModelConfig
-from smollm2.data.loader import document_ids as loader_documents
+from smollm2.data.loader import documents_of
 from smollm2.errors import ConfigError
 from smollm2.model import KVCache, SmolLM, attention_kernel
 from smollm2.model import attention as attention_module
@@ -51,10 +51,10 @@ def packed_window(T=40, lengths=(11, 17), seed=0):
 def document_ids(x: torch.Tensor, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The loader's doc_ids and reset positions of rows x (tests/test_mixture.py checks its rule), as tensors on x's
     device; rows that are one document each: zeros and 0..T-1."""
-    found = loader_documents(x.cpu().numpy(), eos)
-    if found is None:
+    docs = documents_of(x.cpu().numpy(), eos, position_reset=True)
+    if not docs:
         return torch.zeros_like(x), torch.arange(x.shape[1], device=x.device).expand_as(x)
-    return tuple(torch.from_numpy(a).to(x.device) for a in found)
+    return docs["doc_ids"].to(x.device), docs["positions"].to(x.device)
 
 
 def grads(model):

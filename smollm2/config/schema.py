@@ -112,7 +112,7 @@ class DataConfig:
         _non_negative(self, "data.", "prefetch")
         _require(not (self.mixture and self.stages), "data.mixture",
                  "and data.stages are exclusive: each stage has its own mixture; drop one")
-        stages = self.stages or ([DataStage(0, self.mixture)] if self.mixture else [])
+        stages = self.stage_list()
         key = "data.stages" if self.stages else "data.mixture"
         for k, stage in enumerate(stages):
             where = f"data.stages[{k}]" if self.stages else "data.mixture"

@@ -25,7 +25,7 @@ from smollm2.data.dataset import Dataset
 from smollm2.data.order import Cursor, Plan, SourceStream, WindowOrder, windows_in
 from smollm2.errors import DataError
 
-__all__ = ["TrainLoader", "ValWindows", "document_ids", "windows_in"]
+__all__ = ["TrainLoader", "ValWindows", "document_ids", "documents_of", "windows_in"]
 
 
 def document_ids(inputs: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -38,6 +38,16 @@ def document_ids(inputs: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarra
     index = np.broadcast_to(np.arange(inputs.shape[1]), inputs.shape)
     starts = np.where(np.diff(doc_ids, axis=1, prepend=0) > 0, index, 0)  # each document's first position
     return doc_ids, index - np.maximum.accumulate(starts, axis=1)
+
+
+def documents_of(inputs: np.ndarray, eos_id: int | None, position_reset: bool) -> dict[str, torch.Tensor]:
+    """What a masked micro-batch carries for its input windows [B, T] (CPU tensors): `doc_ids`, and with
+    `position_reset` the reset `positions`; {} without masking (`eos_id` None) or when each window is one document."""
+    found = None if eos_id is None else document_ids(inputs, eos_id)
+    if found is None:
+        return {}
+    names = ("doc_ids", "positions") if position_reset else ("doc_ids",)
+    return {name: torch.from_numpy(a) for name, a in zip(names, found)}
 
 
 class TrainLoader:
@@ -95,11 +105,8 @@ class TrainLoader:
             block = slice(k * self.micro_batch, (k + 1) * self.micro_batch)
             tokens = np.stack([streams[s].dataset.train.read(int(w) * self.seq_len, span)
                                for s, w in zip(plan.sources[block], plan.windows[block])])
-            parts = [tokens[:, :-1], tokens[:, 1:]]
-            documents = None if self.eos_id is None else document_ids(tokens[:, :-1], self.eos_id)
-            if documents is not None:
-                parts += [documents[0]] + ([documents[1]] if self.position_reset else [])
-            tensors = [torch.from_numpy(np.ascontiguousarray(p)) for p in parts]
+            tensors = [torch.from_numpy(np.ascontiguousarray(p)) for p in (tokens[:, :-1], tokens[:, 1:])]
+            tensors += documents_of(tokens[:, :-1], self.eos_id, self.position_reset).values()
             if self.device.type == "cuda":
                 tensors = [t.pin_memory() for t in tensors]
             batches.append(tuple(tensors))

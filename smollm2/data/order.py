@@ -189,12 +189,16 @@ class WindowOrder:
         return {
             "consumed_windows": cursor.position, "steps": cursor.step, "seq_len": first.seq_len, "seed": first.seed,
             "stage": cursor.stage, "stage_start_windows": cursor.stage_start,
-            "stages": [{"start_step": s.start_step, "weights": dict(zip(self.names, s.weights))} for s in self.stages],
+            "stages": self._stage_dicts(),
             "sources": {s.name: {"consumed_windows": cursor.consumed[i], "epoch": cursor.consumed[i] // s.windows_per_epoch,
                                  "stage_windows": cursor.stage_counts[i], "windows_per_epoch": s.windows_per_epoch,
                                  "data_fingerprint": s.dataset.fingerprint, "path": str(s.dataset.path)}
                         for i, s in enumerate(self.sources)},
         }
+
+    def _stage_dicts(self) -> list[dict[str, Any]]:
+        """The stages as a checkpoint records them (weights by source name), to compare with the ones it recorded."""
+        return [{"start_step": s.start_step, "weights": dict(zip(self.names, s.weights))} for s in self.stages]
 
     @property
     def names(self) -> list[str]:
@@ -229,7 +233,7 @@ class WindowOrder:
         if gone := sorted(set(saved) - set(self.names)):
             warnings.append(f"the checkpoint's sources {', '.join(gone)} are no longer drawn")
         consumed = tuple(int(saved.get(name, {}).get("consumed_windows", 0)) for name in self.names)
-        stages = [{"start_step": s.start_step, "weights": dict(zip(self.names, s.weights))} for s in self.stages]
+        stages = self._stage_dicts()
         step = int(state["steps"])
         current = self.stage_at(max(step - 1, 0))  # the stage of the last step taken, as the checkpoint's "stage" is
         if stages[current] == state["stages"][int(state["stage"])] and not warnings:  # exactly where it stood

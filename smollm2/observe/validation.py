@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from smollm2.data import ValWindows
-from smollm2.data.loader import document_ids
+from smollm2.data.loader import documents_of
 from smollm2.distributed import DistEnv
 
 Documents = tuple[int | None, bool]
@@ -41,12 +41,7 @@ def _mean_loss(model, val: ValWindows, micro_batch: int, env: DistEnv, documents
 
 def _documents(inputs: torch.Tensor, documents: Documents, device) -> dict[str, torch.Tensor]:
     """What a masked training batch carries, for these val inputs (nothing where each window is one document)."""
-    eos_id, reset = documents
-    found = None if eos_id is None else document_ids(inputs.numpy(), eos_id)
-    if found is None:
-        return {}
-    names = ("doc_ids", "positions") if reset else ("doc_ids",)
-    return {name: torch.from_numpy(a).to(device) for name, a in zip(names, found)}
+    return {name: t.to(device) for name, t in documents_of(inputs.numpy(), *documents).items()}
 
 
 def validation_loss(model, val: dict[str, ValWindows], weights: dict[str, float] | None, micro_batch: int,
